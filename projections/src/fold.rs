@@ -1,0 +1,445 @@
+//! Pure folds: events in, row patches out. No I/O.
+//!
+//! A patch merges with another patch (or a stored row) with the same rules
+//! the SQL upsert uses: the status only moves forward by rank, stage times
+//! keep the earliest value, counters keep the maximum. Merging is idempotent
+//! and order-independent, so a redelivered or late event cannot move a
+//! message backwards (invariant 6).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use ledger_schemas::{Event, EventBody, IntentId, MessageId};
+
+/// Where a message is. Ranks order the stages; terminal states share the
+/// top rank and the first one recorded stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Status {
+    Accepted,
+    Rendered,
+    Sending,
+    Ambiguous,
+    Delivered,
+    Failed,
+    RenderFailed,
+    Suppressed,
+    DeadLettered,
+}
+
+impl Status {
+    pub const ALL: [Status; 9] = [
+        Status::Accepted,
+        Status::Rendered,
+        Status::Sending,
+        Status::Ambiguous,
+        Status::Delivered,
+        Status::Failed,
+        Status::RenderFailed,
+        Status::Suppressed,
+        Status::DeadLettered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Accepted => "accepted",
+            Status::Rendered => "rendered",
+            Status::Sending => "sending",
+            Status::Ambiguous => "ambiguous",
+            Status::Delivered => "delivered",
+            Status::Failed => "failed",
+            Status::RenderFailed => "render_failed",
+            Status::Suppressed => "suppressed",
+            Status::DeadLettered => "dead_lettered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    pub fn rank(self) -> i16 {
+        match self {
+            Status::Accepted => 0,
+            Status::Rendered => 10,
+            Status::Sending => 20,
+            Status::Ambiguous => 30,
+            _ => 50,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 50
+    }
+
+    /// Whether `self` replaces `current`. Ties between distinct terminal
+    /// states (which the pipeline never produces for one message) break by
+    /// name so that the result does not depend on arrival order.
+    fn supersedes(self, current: Status) -> bool {
+        (self.rank(), self.as_str()) > (current.rank(), current.as_str())
+    }
+}
+
+/// What a batch of events says about one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessagePatch {
+    pub message_id: MessageId,
+    pub tenant_id: String,
+    pub intent_id: IntentId,
+    pub channel: Option<String>,
+    pub recipient: Option<String>,
+    pub status: Status,
+    pub attempts: i32,
+    /// Attempt that the error fields belong to.
+    pub error_attempt: i32,
+    pub last_error_code: Option<String>,
+    pub last_error: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub accepted_at: Option<DateTime<Utc>>,
+    pub rendered_at: Option<DateTime<Utc>>,
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub failed_at: Option<DateTime<Utc>>,
+    pub suppressed_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+fn earliest(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+fn smallest(a: Option<String>, b: Option<String>) -> Option<String> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+impl MessagePatch {
+    fn new(event: &Event, message_id: MessageId, status: Status) -> Self {
+        MessagePatch {
+            message_id,
+            tenant_id: event.tenant_id.0.clone(),
+            intent_id: event.intent_id,
+            channel: None,
+            recipient: None,
+            status,
+            attempts: 0,
+            error_attempt: 0,
+            last_error_code: None,
+            last_error: None,
+            provider_message_id: None,
+            accepted_at: None,
+            rendered_at: None,
+            first_attempt_at: None,
+            delivered_at: None,
+            failed_at: None,
+            suppressed_at: None,
+            updated_at: event.occurred_at,
+        }
+    }
+
+    fn with_error(mut self, attempt: u32, code: &str, reason: &str) -> Self {
+        self.error_attempt = attempt as i32;
+        self.last_error_code = Some(code.to_owned());
+        self.last_error = Some(reason.to_owned());
+        self
+    }
+
+    /// Merges `other` into `self`; the result is the same in either order.
+    pub fn merge(&mut self, other: MessagePatch) {
+        if other.status.supersedes(self.status) {
+            self.status = other.status;
+        }
+        self.channel = smallest(self.channel.take(), other.channel);
+        self.recipient = smallest(self.recipient.take(), other.recipient);
+        self.attempts = self.attempts.max(other.attempts);
+        let other_error_wins = (other.error_attempt, &other.last_error_code, &other.last_error)
+            > (self.error_attempt, &self.last_error_code, &self.last_error);
+        if other_error_wins {
+            self.error_attempt = other.error_attempt;
+            self.last_error_code = other.last_error_code;
+            self.last_error = other.last_error;
+        }
+        self.provider_message_id = smallest(self.provider_message_id.take(), other.provider_message_id);
+        self.accepted_at = earliest(self.accepted_at, other.accepted_at);
+        self.rendered_at = earliest(self.rendered_at, other.rendered_at);
+        self.first_attempt_at = earliest(self.first_attempt_at, other.first_attempt_at);
+        self.delivered_at = earliest(self.delivered_at, other.delivered_at);
+        self.failed_at = earliest(self.failed_at, other.failed_at);
+        self.suppressed_at = earliest(self.suppressed_at, other.suppressed_at);
+        self.updated_at = self.updated_at.max(other.updated_at);
+    }
+}
+
+/// One row of `intents`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntentRow {
+    pub intent_id: IntentId,
+    pub tenant_id: String,
+    pub kind: String,
+    pub channel: String,
+    pub priority: String,
+    pub recipient_count: i32,
+    pub batch_count: i32,
+    pub accepted_at: DateTime<Utc>,
+}
+
+/// One row of `dead_letters`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterRow {
+    pub event_id: uuid::Uuid,
+    pub tenant_id: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub consumer: String,
+    pub code: String,
+    pub reason: String,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// The folded effect of a batch of events.
+#[derive(Debug, Default)]
+pub struct Fold {
+    pub messages: HashMap<MessageId, MessagePatch>,
+    pub intents: HashMap<IntentId, IntentRow>,
+    pub dead_letters: Vec<DeadLetterRow>,
+}
+
+impl Fold {
+    pub fn add(&mut self, event: &Event) {
+        for patch in patches(event) {
+            match self.messages.get_mut(&patch.message_id) {
+                Some(existing) => existing.merge(patch),
+                None => {
+                    self.messages.insert(patch.message_id, patch);
+                }
+            }
+        }
+        match &event.body {
+            EventBody::IntentAccepted(a) => {
+                self.intents.entry(event.intent_id).or_insert_with(|| IntentRow {
+                    intent_id: event.intent_id,
+                    tenant_id: event.tenant_id.0.clone(),
+                    kind: format!("{:?}", a.kind).to_lowercase(),
+                    channel: a.channel.as_str().to_owned(),
+                    priority: format!("{:?}", a.priority).to_lowercase(),
+                    recipient_count: a.recipient_count as i32,
+                    batch_count: a.batch_count as i32,
+                    accepted_at: event.occurred_at,
+                });
+            }
+            EventBody::DeadLettered(d) => self.dead_letters.push(DeadLetterRow {
+                event_id: event.event_id.0,
+                tenant_id: event.tenant_id.0.clone(),
+                source_topic: d.source_topic.clone(),
+                source_partition: d.source_partition,
+                source_offset: d.source_offset,
+                consumer: d.consumer.clone(),
+                code: d.code.clone(),
+                reason: d.reason.clone(),
+                occurred_at: event.occurred_at,
+            }),
+            _ => {}
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.intents.is_empty() && self.dead_letters.is_empty()
+    }
+}
+
+/// The message patches one event implies.
+pub fn patches(event: &Event) -> Vec<MessagePatch> {
+    let at = Some(event.occurred_at);
+    if let EventBody::RecipientBatch(batch) = &event.body {
+        return batch
+            .recipients
+            .iter()
+            .map(|r| {
+                let id = MessageId::derive(event.intent_id, &r.address);
+                let mut p = MessagePatch::new(event, id, Status::Accepted);
+                p.channel = Some(batch.channel.as_str().to_owned());
+                p.recipient = Some(ledger_schemas::ids::normalise_recipient(&r.address));
+                p.accepted_at = at;
+                p
+            })
+            .collect();
+    }
+    let Some(id) = event.message_id else { return Vec::new() };
+    let patch = |status| MessagePatch::new(event, id, status);
+    let p = match &event.body {
+        EventBody::MessageRendered(m) => {
+            let mut p = patch(Status::Rendered);
+            p.channel = Some(m.channel.as_str().to_owned());
+            p.recipient = Some(m.recipient.clone());
+            p.rendered_at = at;
+            p
+        }
+        EventBody::RenderFailed(f) => {
+            let mut p = patch(Status::RenderFailed).with_error(0, &f.code, &f.reason);
+            p.channel = Some(f.channel.as_str().to_owned());
+            p.recipient = Some(f.recipient.clone());
+            p.failed_at = at;
+            p
+        }
+        EventBody::DeliveryAttempted(a) => {
+            let mut p = patch(Status::Sending);
+            p.channel = Some(a.channel.as_str().to_owned());
+            p.recipient = Some(a.recipient.clone());
+            p.attempts = a.attempt as i32;
+            p.first_attempt_at = at;
+            p
+        }
+        EventBody::Delivered(d) => {
+            let mut p = patch(Status::Delivered);
+            p.attempts = d.attempt as i32;
+            p.provider_message_id = d.provider_message_id.clone();
+            p.delivered_at = at;
+            p
+        }
+        EventBody::DeliveryFailed(f) => {
+            let status = if f.permanent { Status::Failed } else { Status::Sending };
+            let mut p = patch(status).with_error(f.attempt, &f.code, &f.reason);
+            p.attempts = f.attempt as i32;
+            if f.permanent {
+                p.failed_at = at;
+            }
+            p
+        }
+        EventBody::DeliveryAmbiguous(a) => {
+            let mut p = patch(Status::Ambiguous).with_error(a.attempt, "ambiguous", &a.reason);
+            p.attempts = a.attempt as i32;
+            p
+        }
+        EventBody::Suppressed(s) => {
+            let mut p = patch(Status::Suppressed);
+            let code = match s.reason {
+                ledger_schemas::SuppressionReason::Sandbox => "sandbox",
+                ledger_schemas::SuppressionReason::SuppressionList => "suppression_list",
+            };
+            p = p.with_error(0, code, "recipient suppressed");
+            p.channel = Some(s.channel.as_str().to_owned());
+            p.recipient = Some(s.recipient.clone());
+            p.suppressed_at = at;
+            p
+        }
+        EventBody::DeadLettered(d) => {
+            let mut p = patch(Status::DeadLettered).with_error(0, &d.code, &d.reason);
+            p.failed_at = at;
+            p
+        }
+        EventBody::IntentAccepted(_) | EventBody::RecipientBatch(_) => return Vec::new(),
+    };
+    vec![p]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use ledger_schemas::*;
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    fn ev(n: i64, body: EventBody) -> Event {
+        Event {
+            event_id: EventId(Uuid::from_u128(n as u128)),
+            body,
+            tenant_id: TenantId::parse("acme").unwrap(),
+            intent_id: IntentId(Uuid::from_u128(9)),
+            message_id: Some(MessageId::derive(IntentId(Uuid::from_u128(9)), "a@x.io")),
+            occurred_at: Utc.timestamp_opt(1_800_000_000 + n, 0).unwrap(),
+            correlation_id: "c".into(),
+        }
+    }
+
+    fn lifecycle() -> Vec<Event> {
+        vec![
+            ev(0, EventBody::RecipientBatch(RecipientBatch {
+                batch_index: 0,
+                batch_count: 1,
+                channel: Channel::Email,
+                priority: Priority::Transactional,
+                from: None,
+                content: Content::default(),
+                recipients: vec![Recipient { address: "a@x.io".into(), variables: Default::default() }],
+                send_at: None,
+            })),
+            ev(1, EventBody::MessageRendered(MessageRendered {
+                channel: Channel::Email,
+                priority: Priority::Transactional,
+                recipient: "a@x.io".into(),
+                from: None,
+                subject: None,
+                text: None,
+                html: None,
+            })),
+            ev(2, EventBody::DeliveryAttempted(DeliveryAttempted {
+                attempt: 1,
+                channel: Channel::Email,
+                recipient: "a@x.io".into(),
+                provider: "sink".into(),
+            })),
+            ev(3, EventBody::DeliveryFailed(DeliveryFailed {
+                attempt: 1,
+                provider: "sink".into(),
+                code: "timeout".into(),
+                reason: "timed out".into(),
+                permanent: false,
+            })),
+            ev(4, EventBody::DeliveryAttempted(DeliveryAttempted {
+                attempt: 2,
+                channel: Channel::Email,
+                recipient: "a@x.io".into(),
+                provider: "sink".into(),
+            })),
+            ev(5, EventBody::Delivered(Delivered { attempt: 2, provider: "sink".into(), provider_message_id: Some("p".into()) })),
+        ]
+    }
+
+    fn fold(events: &[Event]) -> MessagePatch {
+        let mut f = Fold::default();
+        for e in events {
+            f.add(e);
+        }
+        assert_eq!(f.messages.len(), 1);
+        f.messages.into_values().next().unwrap()
+    }
+
+    #[test]
+    fn a_full_lifecycle_ends_delivered_with_every_stage_time() {
+        let row = fold(&lifecycle());
+        assert_eq!(row.status, Status::Delivered);
+        assert_eq!(row.attempts, 2);
+        assert_eq!(row.last_error_code.as_deref(), Some("timeout"));
+        assert_eq!(row.recipient.as_deref(), Some("a@x.io"));
+        assert!(row.accepted_at.is_some() && row.rendered_at.is_some() && row.delivered_at.is_some());
+        assert_eq!(row.first_attempt_at, Some(Utc.timestamp_opt(1_800_000_002, 0).unwrap()));
+    }
+
+    #[test]
+    fn a_late_event_never_moves_the_status_backwards() {
+        let mut events = lifecycle();
+        let rendered = events.remove(1);
+        events.push(rendered);
+        assert_eq!(fold(&events).status, Status::Delivered);
+    }
+
+    proptest! {
+        #[test]
+        fn any_order_and_any_duplicates_give_the_same_row(
+            order in Just((0..6usize).collect::<Vec<_>>()).prop_shuffle(),
+            dups in proptest::collection::vec(0..6usize, 0..6),
+        ) {
+            let events = lifecycle();
+            let expected = fold(&events);
+            let mut shuffled: Vec<Event> = order.iter().map(|&i| events[i].clone()).collect();
+            shuffled.extend(dups.iter().map(|&i| events[i].clone()));
+            prop_assert_eq!(fold(&shuffled), expected);
+        }
+    }
+}

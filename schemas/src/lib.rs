@@ -1,0 +1,24 @@
+//! The delivery ledger's event contracts: every event type and its version,
+//! the ids the events talk about, and the topics they travel on.
+//!
+//! This crate performs no I/O and depends on no runtime (no tokio, rdkafka or
+//! sqlx): producers, consumers and projections all agree through it.
+
+pub mod events;
+pub mod ids;
+pub mod topics;
+
+pub use events::{
+    Channel, Content, DeadLettered, DecodeError, DeliveryAmbiguous, DeliveryAttempted,
+    DeliveryFailed, Delivered, Event, EventBody, EventKind, IntentAccepted, IntentKind,
+    MessageRendered, Priority, Recipient, RecipientBatch, RenderFailed, Suppressed,
+    SuppressionReason,
+};
+pub use ids::{EventId, IntentId, MessageId, TenantId};
+pub use topics::{ConsumerGroup, Topic};
+
+/// Kafka header carrying the event type (`intent.accepted.v1`, ...), so a
+/// consumer can route or skip a record without decoding its body.
+pub const HEADER_EVENT_TYPE: &str = "ledger-event-type";
+/// Kafka header carrying the correlation id of the request that caused it.
+pub const HEADER_CORRELATION_ID: &str = "ledger-correlation-id";

@@ -1,0 +1,189 @@
+//! The committed schema files under `schemas/events/` and the Rust types
+//! must agree. Run with `UPDATE_SCHEMAS=1` after a deliberate change to
+//! rewrite the files; a new version of an event is a new file.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use chrono::Utc;
+use ledger_schemas::events::*;
+use ledger_schemas::ids::*;
+use serde_json::Value;
+use uuid::Uuid;
+
+fn schema_path(kind: EventKind) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("events")
+        .join(format!("{}.json", kind.type_name()))
+}
+
+#[test]
+fn every_event_type_has_a_schema_file_that_matches_its_rust_type() {
+    let update = std::env::var_os("UPDATE_SCHEMAS").is_some();
+    let mut stale = Vec::new();
+    for kind in EventKind::ALL {
+        let generated = kind.json_schema();
+        let path = schema_path(kind);
+        if update {
+            let mut text = serde_json::to_string_pretty(&generated).unwrap();
+            text.push('\n');
+            std::fs::write(&path, text).unwrap();
+            continue;
+        }
+        let committed: Value = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap(),
+            Err(_) => {
+                stale.push(format!("{} is missing", path.display()));
+                continue;
+            }
+        };
+        if committed != generated {
+            stale.push(format!("{} differs from the Rust type", path.display()));
+        }
+    }
+    assert!(stale.is_empty(), "schema files out of date (rerun with UPDATE_SCHEMAS=1 if intended): {stale:#?}");
+}
+
+#[test]
+fn there_is_no_schema_file_without_an_event_type() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("events");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let type_name = name.strip_suffix(".json").unwrap_or(&name);
+        assert!(EventKind::from_type_name(type_name).is_some(), "orphan schema file {name}");
+    }
+}
+
+fn sample(body: EventBody) -> Event {
+    Event {
+        event_id: EventId(Uuid::from_u128(1)),
+        body,
+        tenant_id: TenantId::parse("acme").unwrap(),
+        intent_id: IntentId(Uuid::from_u128(2)),
+        message_id: Some(MessageId(Uuid::from_u128(3))),
+        occurred_at: Utc::now(),
+        correlation_id: "corr".into(),
+    }
+}
+
+fn samples() -> Vec<Event> {
+    let content = Content { subject: Some("Hi {{ name }}".into()), text: Some("t".into()), html: None };
+    let mut vars = BTreeMap::new();
+    vars.insert("name".to_owned(), Value::from("Ann"));
+    vec![
+        sample(EventBody::IntentAccepted(IntentAccepted {
+            kind: IntentKind::Single,
+            channel: Channel::Email,
+            priority: Priority::Bulk,
+            from: Some("a@b.c".into()),
+            recipient_count: 1,
+            batch_count: 1,
+            send_at: Some(Utc::now()),
+            request_hash: "ab".into(),
+        })),
+        sample(EventBody::RecipientBatch(RecipientBatch {
+            batch_index: 0,
+            batch_count: 1,
+            channel: Channel::Email,
+            priority: Priority::Transactional,
+            from: None,
+            content: content.clone(),
+            recipients: vec![Recipient { address: "x@y.z".into(), variables: vars }],
+            send_at: None,
+        })),
+        sample(EventBody::MessageRendered(MessageRendered {
+            channel: Channel::Email,
+            priority: Priority::Transactional,
+            recipient: "x@y.z".into(),
+            from: Some("a@b.c".into()),
+            subject: Some("s".into()),
+            text: Some("t".into()),
+            html: Some("<p>h</p>".into()),
+        })),
+        sample(EventBody::RenderFailed(RenderFailed {
+            channel: Channel::Email,
+            recipient: "x@y.z".into(),
+            code: "undefined_variable".into(),
+            reason: "name is undefined".into(),
+        })),
+        sample(EventBody::DeliveryAttempted(DeliveryAttempted {
+            attempt: 1,
+            channel: Channel::Email,
+            recipient: "x@y.z".into(),
+            provider: "sink".into(),
+        })),
+        sample(EventBody::Delivered(Delivered { attempt: 1, provider: "sink".into(), provider_message_id: Some("p".into()) })),
+        sample(EventBody::DeliveryFailed(DeliveryFailed {
+            attempt: 1,
+            provider: "sink".into(),
+            code: "rejected".into(),
+            reason: "no".into(),
+            permanent: true,
+        })),
+        sample(EventBody::DeliveryAmbiguous(DeliveryAmbiguous { attempt: 1, provider: "sink".into(), reason: "r".into() })),
+        sample(EventBody::Suppressed(Suppressed {
+            channel: Channel::Email,
+            recipient: "x@y.z".into(),
+            reason: SuppressionReason::Sandbox,
+        })),
+        sample(EventBody::DeadLettered(DeadLettered {
+            source_topic: "t".into(),
+            source_partition: 0,
+            source_offset: 5,
+            consumer: "renderer".into(),
+            code: "malformed_event".into(),
+            reason: "r".into(),
+            key: Some("k".into()),
+            payload: "garbage".into(),
+        })),
+    ]
+}
+
+/// Checks `value` against `schema` for what our schemas use: required
+/// properties, closed objects, types of scalars; `$ref`s into `$defs`.
+fn conforms(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let name = r.trim_start_matches("#/$defs/");
+        return conforms(root, &root["$defs"][name], value, path, errors);
+    }
+    if let Some(c) = schema.get("const") {
+        if c != value {
+            errors.push(format!("{path}: expected {c}, got {value}"));
+        }
+    }
+    if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+        let Some(obj) = value.as_object() else {
+            errors.push(format!("{path}: not an object"));
+            return;
+        };
+        for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+            if !obj.contains_key(req.as_str().unwrap()) {
+                errors.push(format!("{path}: missing required {req}"));
+            }
+        }
+        for (k, v) in obj {
+            match props.get(k) {
+                Some(s) => conforms(root, s, v, &format!("{path}.{k}"), errors),
+                None if schema.get("additionalProperties") == Some(&Value::Bool(false)) => {
+                    errors.push(format!("{path}: property {k} not in schema"))
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn a_sample_of_every_event_type_conforms_to_its_schema_file() {
+    let all = samples();
+    assert_eq!(all.len(), EventKind::ALL.len(), "one sample per event type");
+    for event in all {
+        let kind = event.kind();
+        let schema: Value = serde_json::from_slice(&std::fs::read(schema_path(kind)).unwrap()).unwrap();
+        let value: Value = serde_json::from_slice(&event.to_json()).unwrap();
+        let mut errors = Vec::new();
+        conforms(&schema, &schema, &value, kind.type_name(), &mut errors);
+        assert!(errors.is_empty(), "{errors:#?}");
+        assert_eq!(Event::from_json(&event.to_json()).unwrap(), event);
+    }
+}

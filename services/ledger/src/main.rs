@@ -1,0 +1,201 @@
+//! `ledger`: runs any role of the delivery ledger, or all of them in one
+//! process, and does the administration around them.
+
+mod demo;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use ledger_runtime::{telemetry, Config, Shutdown};
+
+#[derive(Parser)]
+#[command(name = "ledger", version, about = "Event-sourced delivery ledger")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one role, several, or all of them in this process until Ctrl-C.
+    Run {
+        #[arg(value_enum, required = true)]
+        roles: Vec<Role>,
+        /// After start-up, submit this many demo messages through the API,
+        /// wait until each is terminal and print the read model's summary.
+        #[arg(long)]
+        demo: Option<u32>,
+    },
+    /// Kafka topics.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Databases (operational store and reporting read model).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+    /// Tenants and their API keys.
+    Tenants {
+        #[command(subcommand)]
+        command: TenantsCommand,
+    },
+    /// Messages by status, from the reporting read model.
+    Summary,
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create every ledger topic with its partition count (existing ones are kept).
+    Create {
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+        /// Wait this many seconds for the broker to answer first.
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Create the databases if missing and apply every migration.
+    Migrate,
+}
+
+#[derive(Subcommand)]
+enum TenantsCommand {
+    /// Create a tenant and print its API key (shown only this once).
+    Create { name: String },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Ingest,
+    Render,
+    Dispatch,
+    Project,
+    All,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = async {
+        let config = Config::load()?;
+        telemetry::init_tracing(&config.telemetry);
+        dispatch(cli, config).await
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { roles, demo } => run(config, roles, demo).await,
+        Command::Topics { command: TopicsCommand::Create { replication, wait } } => {
+            ledger_runtime::kafka::wait_for_broker(&config, Duration::from_secs(wait))
+                .await
+                .with_context(|| format!("no Kafka broker answered at {}", config.kafka.brokers))?;
+            for (name, what) in ledger_runtime::kafka::create_topics(&config, replication).await? {
+                println!("{what:>8}  {name}");
+            }
+            Ok(())
+        }
+        Command::Db { command: DbCommand::Migrate } => {
+            ledger_runtime::db::migrate(&config.ops_database_url, &config.reporting_database_url, &ledger_projections::MIGRATOR)
+                .await
+                .context("migrating the databases")?;
+            println!("migrated {} and {}", redact(&config.ops_database_url), redact(&config.reporting_database_url));
+            Ok(())
+        }
+        Command::Tenants { command: TenantsCommand::Create { name } } => {
+            let pool = ledger_runtime::db::pool(&config.ops_database_url, 1).await?;
+            let key = ledger_ingest::tenants::create(&pool, &name).await?;
+            println!("tenant {name} created; its API key (shown only now):\n{key}");
+            Ok(())
+        }
+        Command::Summary => {
+            let pool = ledger_runtime::db::pool(&config.reporting_database_url, 1).await?;
+            print!("{}", demo::summary(&pool).await?);
+            Ok(())
+        }
+    }
+}
+
+/// Hides a password in a database URL.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if url[s + 3..at].contains(':') => {
+            let user_end = s + 3 + url[s + 3..at].find(':').unwrap_or(0);
+            format!("{}:***{}", &url[..user_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn run(config: Config, roles: Vec<Role>, demo: Option<u32>) -> anyhow::Result<()> {
+    let all = roles.contains(&Role::All);
+    let has = |r: Role| all || roles.contains(&r);
+    let shutdown = Shutdown::new();
+    shutdown.on_signal();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut api = None;
+    if has(Role::Ingest) {
+        let ingest = ledger_ingest::build(&config).await.context("building ingest")?;
+        api = Some(ingest.local_addr());
+        let s = shutdown.clone();
+        tasks.spawn(async move { ingest.run(s).await.map_err(anyhow::Error::from) });
+    }
+    if has(Role::Render) {
+        let renderer = ledger_renderer::build(&config).context("building renderer")?;
+        let s = shutdown.clone();
+        tasks.spawn(async move { renderer.run(s).await.map_err(anyhow::Error::from) });
+    }
+    if has(Role::Dispatch) {
+        let dispatcher = ledger_dispatcher::build(&config).await.context("building dispatcher")?;
+        let s = shutdown.clone();
+        tasks.spawn(async move { dispatcher.run(s).await.map_err(anyhow::Error::from) });
+    }
+    if has(Role::Project) {
+        let projector = ledger_projector::build(&config).await.context("building projector")?;
+        let s = shutdown.clone();
+        tasks.spawn(async move { projector.run(s).await.map_err(anyhow::Error::from) });
+    }
+    if let Some(count) = demo {
+        let addr = api.context("--demo needs the ingest role")?;
+        if !(all || (has(Role::Render) && has(Role::Dispatch) && has(Role::Project))) {
+            anyhow::bail!("--demo needs every role: use `ledger run all --demo N`");
+        }
+        let demo_shutdown = shutdown.clone();
+        let demo_config = config.clone();
+        tasks.spawn(async move {
+            let result = demo::run(&demo_config, addr, count, &demo_shutdown).await;
+            if let Err(e) = &result {
+                eprintln!("demo failed: {e:#}");
+                demo_shutdown.trigger();
+            }
+            result
+        });
+    } else if let Some(addr) = api {
+        println!("ingest API on http://{addr}  (Ctrl-C to stop)");
+    }
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = result {
+            // One role failing stops the others: a half-running ledger would
+            // accept work it cannot finish.
+            failure.get_or_insert(e);
+            shutdown.trigger();
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

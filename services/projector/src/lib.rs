@@ -1,0 +1,175 @@
+//! The projector: folds every topic of the log into the reporting read model.
+//!
+//! Delivery guarantee: exactly-once effect on the read model (invariant 6).
+//! Each batch is applied in one transaction together with the offsets it
+//! consumed (`projector_offsets`), after locking those offset rows; records
+//! below the stored offset are skipped. Kafka's committed offsets are only a
+//! starting hint, committed after the database, so they never run ahead of
+//! it. The folds themselves are idempotent and order-tolerant, so even a
+//! re-applied event could not move a status backwards.
+//!
+//! Undecodable records on the outcomes topic (which only the projector
+//! consumes) are dead-lettered; on the other topics their owning consumer
+//! does that, and the projector counts and skips them.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ledger_projections::store::{self, PartitionOffset};
+use ledger_projections::Fold;
+use ledger_runtime::{kafka, Config, RuntimeError, Shutdown};
+use ledger_schemas::{ConsumerGroup, Event, Topic};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::FutureProducer;
+use rdkafka::Message;
+use sqlx::PgPool;
+
+/// The topics folded into the read model.
+pub const TOPICS: [Topic; 4] = [Topic::Intents, Topic::Rendered, Topic::Outcomes, Topic::DeadLetter];
+
+pub struct Projector {
+    config: Config,
+    consumer: StreamConsumer,
+    producer: FutureProducer,
+    reporting: PgPool,
+    /// Key of this projection's rows in `projector_offsets`.
+    name: String,
+}
+
+pub async fn build(config: &Config) -> Result<Projector, RuntimeError> {
+    Ok(Projector {
+        config: config.clone(),
+        consumer: kafka::consumer(config, ConsumerGroup::Projector, &TOPICS)?,
+        producer: kafka::producer(config)?,
+        reporting: ledger_runtime::db::pool(&config.reporting_database_url, 4).await?,
+        name: config.group(ConsumerGroup::Projector),
+    })
+}
+
+impl Projector {
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), RuntimeError> {
+        tracing::info!(group = %self.name, "projector started");
+        let flush = Duration::from_millis(self.config.projector.flush_interval_ms);
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.wait() => break,
+                m = self.consumer.recv() => m,
+            };
+            let first = match first {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consume failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            let deadline = Instant::now() + flush;
+            while batch.len() < self.config.projector.batch_size {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, self.consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(m.detach()),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "consume failed");
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            // The batch is held until it is applied: a database outage delays
+            // the read model, it never loses events.
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match self.apply(&batch).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        if shutdown.is_triggered() {
+                            let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+                            return Ok(());
+                        }
+                        tracing::warn!(error = %e, records = batch.len(), "projection batch failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
+            for m in &batch {
+                let e = last.entry((m.topic().to_owned(), m.partition())).or_insert(m.offset());
+                *e = (*e).max(m.offset());
+            }
+            for ((topic, partition), offset) in last {
+                self.consumer.store_offset(&topic, partition, offset)?;
+            }
+        }
+        let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+        tracing::info!("projector stopped");
+        Ok(())
+    }
+
+    async fn apply(&self, batch: &[OwnedMessage]) -> Result<(), ApplyError> {
+        let started = Instant::now();
+        let mut partitions: Vec<(String, i32)> = batch.iter().map(|m| (m.topic().to_owned(), m.partition())).collect();
+        partitions.sort();
+        partitions.dedup();
+        let mut tx = self.reporting.begin().await?;
+        let applied_up_to = store::lock_offsets(&mut tx, &self.name, &partitions).await?;
+        let mut fold = Fold::default();
+        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut fresh = 0u64;
+        let mut newest: Option<chrono::DateTime<chrono::Utc>> = None;
+        for m in batch {
+            let key = (m.topic().to_owned(), m.partition());
+            if m.offset() < applied_up_to.get(&key).copied().unwrap_or(0) {
+                continue; // applied by an earlier transaction
+            }
+            let n = next.entry(key).or_insert(0);
+            *n = (*n).max(m.offset() + 1);
+            fresh += 1;
+            match Event::from_json(m.payload().unwrap_or_default()) {
+                Ok(event) => {
+                    newest = newest.max(Some(event.occurred_at));
+                    fold.add(&event);
+                }
+                Err(e) => {
+                    let topic = Topic::from_name(&self.config.kafka.topic_prefix, m.topic());
+                    if topic == Some(Topic::Outcomes) {
+                        kafka::dead_letter(&self.producer, &self.config, ConsumerGroup::Projector, m, None, e.code(), &e.to_string()).await?;
+                    } else {
+                        metrics::counter!("ledger_projection_skipped_total", "topic" => m.topic().to_owned(), "code" => e.code()).increment(1);
+                    }
+                }
+            }
+        }
+        let applied = store::apply(&mut tx, &fold).await?;
+        let offsets: Vec<PartitionOffset> = next
+            .into_iter()
+            .map(|((topic, partition), next_offset)| PartitionOffset { topic, partition, next_offset })
+            .collect();
+        store::save_offsets(&mut tx, &self.name, &offsets).await?;
+        tx.commit().await?;
+        metrics::counter!("ledger_projection_events_total").increment(fresh);
+        metrics::histogram!("ledger_projection_batch_size").record(fresh as f64);
+        metrics::histogram!("ledger_projection_batch_seconds").record(started.elapsed().as_secs_f64());
+        if let Some(t) = newest {
+            let lag = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics::gauge!("ledger_projection_lag_seconds").set(lag);
+        }
+        tracing::debug!(records = batch.len(), fresh, messages = applied.messages, "projection batch applied");
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] ledger_projections::StoreError),
+    #[error("reporting database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}

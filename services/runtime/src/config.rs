@@ -1,0 +1,278 @@
+//! Layered configuration: built-in defaults (local development), then an
+//! optional TOML file (`LEDGER_CONFIG`), then `LEDGER_*` environment
+//! variables, nested with `__` (`LEDGER_KAFKA__BROKERS=…`). Unknown keys are
+//! refused so that a typo is an error, not a silent default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::error::RuntimeError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Sandbox: only allow-listed recipients are delivered to.
+    #[default]
+    Development,
+    /// Everyone is delivered to. Must be chosen explicitly.
+    Production,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub mode: Mode,
+    pub kafka: KafkaConfig,
+    /// Operational store: idempotency keys, tenants, delivery claims.
+    pub ops_database_url: String,
+    /// Reporting read model; written only by the projector.
+    pub reporting_database_url: String,
+    pub http: HttpConfig,
+    pub sandbox: SandboxConfig,
+    pub sink: SinkConfig,
+    pub projector: ProjectorConfig,
+    pub dispatcher: DispatcherConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers.
+    pub brokers: String,
+    /// Prefix of every topic and consumer group name.
+    pub topic_prefix: String,
+    /// How long a produce may take before the request that caused it fails.
+    pub produce_timeout_ms: u64,
+    /// `lz4`, `zstd`, `snappy`, `gzip` or `none`.
+    pub compression: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// How long an idempotency key is remembered, in hours.
+    pub idempotency_ttl_hours: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Outside production, recipients delivered to: exact addresses, or
+    /// `@domain` for a whole domain. Everyone else is suppressed.
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// Directory of the local sink provider's durable delivery log.
+    pub dir: PathBuf,
+    /// Simulated provider latency per call, in milliseconds.
+    pub latency_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectorConfig {
+    pub batch_size: usize,
+    pub flush_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatcherConfig {
+    /// Messages delivered concurrently per dispatcher instance.
+    pub concurrency: usize,
+    /// How long a dispatcher may hold an attempted message before another
+    /// instance declares it ambiguous. Longer than any provider call.
+    pub claim_lease_secs: u32,
+    /// Provider calls per message before it fails for good.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubled for each further one.
+    pub retry_backoff_ms: u64,
+    /// A provider call that takes longer is abandoned as ambiguous.
+    pub provider_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Default filter when `RUST_LOG` is unset.
+    pub log_filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Development,
+            kafka: KafkaConfig::default(),
+            ops_database_url: "postgres://postgres@127.0.0.1:5432/ledger".into(),
+            reporting_database_url: "postgres://postgres@127.0.0.1:5432/ledger_reporting".into(),
+            http: HttpConfig::default(),
+            sandbox: SandboxConfig::default(),
+            sink: SinkConfig::default(),
+            projector: ProjectorConfig::default(),
+            dispatcher: DispatcherConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: "ledger.".into(),
+            produce_timeout_ms: 10_000,
+            compression: "none".into(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1 << 20,
+            idempotency_ttl_hours: 24,
+        }
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        // example.com is reserved (RFC 2606): nobody real receives it.
+        SandboxConfig { allow: vec!["@example.com".into()] }
+    }
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig { dir: PathBuf::from("var/sink"), latency_ms: 0 }
+    }
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        ProjectorConfig { batch_size: 5_000, flush_interval_ms: 200 }
+    }
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            concurrency: 64,
+            claim_lease_secs: 60,
+            max_attempts: 3,
+            retry_backoff_ms: 500,
+            provider_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { log_format: "text".into(), log_filter: "info,sqlx=warn,rdkafka=warn".into() }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file named by `LEDGER_CONFIG` (if set), then the
+    /// environment.
+    pub fn load() -> Result<Config, RuntimeError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Ok(path) = std::env::var("LEDGER_CONFIG") {
+            if !std::path::Path::new(&path).exists() {
+                return Err(RuntimeError::Config(format!("LEDGER_CONFIG names {path}, which does not exist")));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(
+                // LEDGER_CONFIG names the file; LEDGER_TEST_* belong to the test suite.
+                Env::prefixed("LEDGER_")
+                    .filter(|k| k != "config" && !k.as_str().to_ascii_lowercase().starts_with("test_"))
+                    .split("__"),
+            )
+            .extract()
+            .map_err(|e| RuntimeError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let bad = |m: String| Err(RuntimeError::Config(m));
+        if self.kafka.brokers.trim().is_empty() {
+            return bad("kafka.brokers is empty".into());
+        }
+        if !["none", "lz4", "zstd", "snappy", "gzip"].contains(&self.kafka.compression.as_str()) {
+            return bad(format!("kafka.compression {:?} is not one of none, lz4, zstd, snappy, gzip", self.kafka.compression));
+        }
+        if self.ops_database_url == self.reporting_database_url {
+            return bad("ops_database_url and reporting_database_url must name different databases".into());
+        }
+        if self.projector.batch_size == 0 || self.dispatcher.concurrency == 0 {
+            return bad("projector.batch_size and dispatcher.concurrency must be at least 1".into());
+        }
+        if !["text", "json"].contains(&self.telemetry.log_format.as_str()) {
+            return bad(format!("telemetry.log_format {:?} is not text or json", self.telemetry.log_format));
+        }
+        if self.dispatcher.provider_timeout_ms >= u64::from(self.dispatcher.claim_lease_secs) * 1000 {
+            return bad("dispatcher.provider_timeout_ms must be shorter than dispatcher.claim_lease_secs".into());
+        }
+        if self.dispatcher.max_attempts == 0 {
+            return bad("dispatcher.max_attempts must be at least 1".into());
+        }
+        for a in &self.sandbox.allow {
+            if !a.contains('@') {
+                return bad(format!("sandbox.allow entry {a:?} is neither an address nor @domain"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn topic(&self, topic: ledger_schemas::Topic) -> String {
+        topic.name(&self.kafka.topic_prefix)
+    }
+
+    pub fn group(&self, group: ledger_schemas::ConsumerGroup) -> String {
+        group.name(&self.kafka.topic_prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_sandboxed() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.mode, Mode::Development);
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused() {
+        let r: Result<Config, _> = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[kafka]\nbrokerz = \"x\""))
+            .extract();
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn one_database_for_both_roles_is_refused() {
+        let mut c = Config::default();
+        c.reporting_database_url = c.ops_database_url.clone();
+        assert!(c.validate().is_err());
+    }
+}

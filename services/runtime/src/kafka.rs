@@ -1,0 +1,196 @@
+//! Kafka client setup, shared by every role so that every producer is
+//! idempotent with `acks=all` and every consumer stores offsets only after
+//! its effects are done.
+
+use std::time::Duration;
+
+use ledger_schemas::{
+    ConsumerGroup, DeadLettered, Event, EventBody, EventId, IntentId, TenantId, Topic, HEADER_CORRELATION_ID,
+    HEADER_EVENT_TYPE,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::error::RuntimeError;
+
+fn base(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set("client.id", "delivery-ledger")
+        // Keep librdkafka's own logging quiet unless asked.
+        .set("log_level", "4");
+    c
+}
+
+/// An idempotent producer with `acks=all`: a send completes only when every
+/// in-sync replica has the record, and retries never duplicate or reorder.
+pub fn producer(config: &Config) -> Result<FutureProducer, RuntimeError> {
+    Ok(base(config)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("compression.type", &config.kafka.compression)
+        .set("message.timeout.ms", config.kafka.produce_timeout_ms.to_string())
+        .set("queue.buffering.max.messages", "500000")
+        .create()?)
+}
+
+/// A consumer in `group`, subscribed to `topics`. Offsets are committed
+/// automatically in the background, but only offsets the caller stored with
+/// `store_offset` after finishing a record: at-least-once.
+pub fn consumer(config: &Config, group: ConsumerGroup, topics: &[Topic]) -> Result<StreamConsumer, RuntimeError> {
+    let consumer: StreamConsumer = base(config)
+        .set("group.id", config.group(group))
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "50")
+        .create()?;
+    let names: Vec<String> = topics.iter().map(|t| config.topic(*t)).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    consumer.subscribe(&refs)?;
+    Ok(consumer)
+}
+
+/// Creates every ledger topic with its partition count. Topics that exist
+/// already are left as they are, so this is safe to run on every start.
+pub async fn create_topics(config: &Config, replication: i32) -> Result<Vec<(String, &'static str)>, RuntimeError> {
+    let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let names: Vec<(Topic, String)> = Topic::ALL.iter().map(|t| (*t, config.topic(*t))).collect();
+    let new: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|(t, n)| NewTopic::new(n, t.partitions(), TopicReplication::Fixed(replication)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(&new, &opts).await?;
+    let mut report = Vec::new();
+    for r in results {
+        match r {
+            Ok(name) => report.push((name, "created")),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => report.push((name, "exists")),
+            Err((name, code)) => {
+                return Err(RuntimeError::Kafka(KafkaError::AdminOp(code))).inspect_err(|_| {
+                    tracing::error!(topic = %name, error = %code, "topic creation failed");
+                })
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Waits until the broker answers a metadata request, or `timeout` passes.
+pub async fn wait_for_broker(config: &Config, timeout: Duration) -> Result<(), RuntimeError> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let admin: AdminClient<DefaultClientContext> = base(&config).create()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match admin.inner().fetch_metadata(None, Duration::from_secs(2)) {
+                Ok(_) => return Ok(()),
+                Err(e) if std::time::Instant::now() >= deadline => return Err(RuntimeError::Kafka(e)),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    })
+    .await
+    .map_err(|e| RuntimeError::Config(e.to_string()))?
+}
+
+/// Builds the record of an event: JSON value, type and correlation headers.
+pub fn headers_for(event: &Event) -> OwnedHeaders {
+    OwnedHeaders::new()
+        .insert(Header { key: HEADER_EVENT_TYPE, value: Some(event.kind().type_name()) })
+        .insert(Header { key: HEADER_CORRELATION_ID, value: Some(event.correlation_id.as_str()) })
+}
+
+/// Produces `event` to `topic` under `key` and waits for the broker's
+/// acknowledgement.
+pub async fn send_event(
+    producer: &FutureProducer,
+    config: &Config,
+    topic: Topic,
+    key: &str,
+    event: &Event,
+) -> Result<(), KafkaError> {
+    let name = config.topic(topic);
+    let payload = event.to_json();
+    let record = FutureRecord::to(&name).key(key).payload(&payload).headers(headers_for(event));
+    let started = std::time::Instant::now();
+    let result = producer
+        .send(record, Duration::from_millis(config.kafka.produce_timeout_ms))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e);
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!("ledger_kafka_produced_total", "topic" => topic.base_name(), "outcome" => outcome).increment(1);
+    metrics::histogram!("ledger_kafka_produce_seconds", "topic" => topic.base_name()).record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// The correlation id header of a record, if any.
+pub fn correlation_id<M: Message>(message: &M) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == HEADER_CORRELATION_ID)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+const MAX_DEAD_LETTER_PAYLOAD: usize = 64 * 1024;
+
+/// Sends a record that `group` cannot process to the dead letter topic with
+/// the reason, and waits for the acknowledgement: only then may the caller
+/// move past it.
+pub async fn dead_letter<M: Message>(
+    producer: &FutureProducer,
+    config: &Config,
+    group: ConsumerGroup,
+    message: &M,
+    decoded: Option<&Event>,
+    code: &str,
+    reason: &str,
+) -> Result<(), KafkaError> {
+    let payload = message.payload().unwrap_or_default();
+    let cut = &payload[..payload.len().min(MAX_DEAD_LETTER_PAYLOAD)];
+    let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
+    // The id derives from the record's position, so dead-lettering the same
+    // record twice (after a crash) is recognisably one dead letter.
+    let position = format!("{}/{}/{}/{}", group.base_name(), message.topic(), message.partition(), message.offset());
+    let subject = Uuid::new_v5(&Uuid::NAMESPACE_OID, position.as_bytes());
+    let event = Event {
+        event_id: EventId::derive(subject, "dead_lettered", 0),
+        body: EventBody::DeadLettered(DeadLettered {
+            source_topic: message.topic().to_owned(),
+            source_partition: message.partition(),
+            source_offset: message.offset(),
+            consumer: config.group(group),
+            code: code.to_owned(),
+            reason: reason.to_owned(),
+            key: key.clone(),
+            payload: String::from_utf8_lossy(cut).into_owned(),
+        }),
+        tenant_id: decoded.map(|e| e.tenant_id.clone()).unwrap_or_else(|| TenantId("unknown".into())),
+        intent_id: decoded.map(|e| e.intent_id).unwrap_or(IntentId(Uuid::nil())),
+        message_id: decoded.and_then(|e| e.message_id),
+        occurred_at: chrono::Utc::now(),
+        correlation_id: decoded
+            .map(|e| e.correlation_id.clone())
+            .or_else(|| correlation_id(message))
+            .unwrap_or_default(),
+    };
+    tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), code, reason, "record dead-lettered");
+    metrics::counter!("ledger_dead_letters_total", "consumer" => group.base_name(), "code" => code.to_owned()).increment(1);
+    send_event(producer, config, Topic::DeadLetter, key.as_deref().unwrap_or(""), &event).await
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests: every role built through its production `build`,
+//! against the real broker and the real PostgreSQL.
+
+mod foundation;
+mod projection;

@@ -1,0 +1,146 @@
+//! The SQL upsert folds exactly as the pure fold does, in any order, and
+//! applying a batch twice changes nothing.
+
+use chrono::TimeZone;
+use ledger_projections::store;
+use ledger_projections::Fold;
+use ledger_schemas::*;
+use ledger_tests::*;
+use serde_json::Value;
+use uuid::Uuid;
+
+fn events() -> Vec<Event> {
+    let intent = IntentId(Uuid::new_v4());
+    let id = MessageId::derive(intent, "a@example.com");
+    let ev = |n: i64, body| Event {
+        event_id: EventId(Uuid::new_v4()),
+        body,
+        tenant_id: TenantId::parse("acme").expect("tenant"),
+        intent_id: intent,
+        message_id: Some(id),
+        occurred_at: chrono::Utc.timestamp_opt(1_800_000_000 + n, 0).unwrap(),
+        correlation_id: "c".into(),
+    };
+    vec![
+        ev(0, EventBody::RecipientBatch(RecipientBatch {
+            batch_index: 0,
+            batch_count: 1,
+            channel: Channel::Email,
+            priority: Priority::Transactional,
+            from: None,
+            content: Content::default(),
+            recipients: vec![Recipient { address: "a@example.com".into(), variables: Default::default() }],
+            send_at: None,
+        })),
+        ev(1, EventBody::MessageRendered(MessageRendered {
+            channel: Channel::Email,
+            priority: Priority::Transactional,
+            recipient: "a@example.com".into(),
+            from: None,
+            subject: None,
+            text: None,
+            html: None,
+        })),
+        ev(2, EventBody::DeliveryAttempted(DeliveryAttempted {
+            attempt: 1,
+            channel: Channel::Email,
+            recipient: "a@example.com".into(),
+            provider: "sink".into(),
+        })),
+        ev(3, EventBody::DeliveryFailed(DeliveryFailed {
+            attempt: 1,
+            provider: "sink".into(),
+            code: "timeout".into(),
+            reason: "slow".into(),
+            permanent: false,
+        })),
+        ev(4, EventBody::DeliveryAttempted(DeliveryAttempted {
+            attempt: 2,
+            channel: Channel::Email,
+            recipient: "a@example.com".into(),
+            provider: "sink".into(),
+        })),
+        ev(5, EventBody::Delivered(Delivered { attempt: 2, provider: "sink".into(), provider_message_id: Some("p-1".into()) })),
+    ]
+}
+
+async fn row(pool: &sqlx::PgPool) -> Value {
+    sqlx::query_scalar("SELECT to_jsonb(m) - 'updated_at' FROM messages m").fetch_one(pool).await.expect("row")
+}
+
+async fn apply_one_by_one(pool: &sqlx::PgPool, events: &[Event]) {
+    for e in events {
+        let mut fold = Fold::default();
+        fold.add(e);
+        let mut tx = pool.begin().await.expect("tx");
+        store::apply(&mut tx, &fold).await.expect("apply");
+        tx.commit().await.expect("commit");
+    }
+}
+
+#[tokio::test]
+async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
+    let config = test_config();
+    ledger_runtime::db::migrate(&config.ops_database_url, &config.reporting_database_url, &ledger_projections::MIGRATOR)
+        .await
+        .expect("migrate");
+    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+
+    let events = events();
+    apply_one_by_one(&pool, &events).await;
+    let in_order = row(&pool).await;
+    assert_eq!(in_order["status"], "delivered");
+    assert_eq!(in_order["attempts"], 2);
+    assert_eq!(in_order["last_error_code"], "timeout");
+    assert_eq!(in_order["provider_message_id"], "p-1");
+
+    // Reversed, with everything applied twice: the same row.
+    sqlx::query("TRUNCATE messages").execute(&pool).await.expect("truncate");
+    let mut reversed: Vec<Event> = events.iter().rev().cloned().collect();
+    reversed.extend(events.iter().cloned());
+    apply_one_by_one(&pool, &reversed).await;
+    assert_eq!(row(&pool).await, in_order);
+
+    // And the pure fold of the whole batch says the same.
+    let mut fold = Fold::default();
+    for e in &events {
+        fold.add(e);
+    }
+    let patch = fold.messages.values().next().expect("patch");
+    assert_eq!(patch.status.as_str(), in_order["status"]);
+    assert_eq!(Value::from(patch.attempts), in_order["attempts"]);
+    pool.close().await;
+    drop_databases(&config).await;
+}
+
+#[tokio::test]
+async fn offsets_are_locked_and_saved_with_the_rows() {
+    let config = test_config();
+    ledger_runtime::db::migrate(&config.ops_database_url, &config.reporting_database_url, &ledger_projections::MIGRATOR)
+        .await
+        .expect("migrate");
+    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+    let parts = vec![("t.outcomes".to_owned(), 3)];
+    let mut tx = pool.begin().await.expect("tx");
+    assert_eq!(store::lock_offsets(&mut tx, "p", &parts).await.expect("lock")[&parts[0]], 0);
+    store::save_offsets(&mut tx, "p", &[store::PartitionOffset { topic: "t.outcomes".into(), partition: 3, next_offset: 42 }])
+        .await
+        .expect("save");
+    tx.rollback().await.expect("rollback");
+    // Rolled back with its rows: nothing moved.
+    let mut tx = pool.begin().await.expect("tx");
+    assert_eq!(store::lock_offsets(&mut tx, "p", &parts).await.expect("lock")[&parts[0]], 0);
+    store::save_offsets(&mut tx, "p", &[store::PartitionOffset { topic: "t.outcomes".into(), partition: 3, next_offset: 42 }])
+        .await
+        .expect("save");
+    tx.commit().await.expect("commit");
+    // Offsets never move backwards.
+    let mut tx = pool.begin().await.expect("tx");
+    store::save_offsets(&mut tx, "p", &[store::PartitionOffset { topic: "t.outcomes".into(), partition: 3, next_offset: 7 }])
+        .await
+        .expect("save");
+    assert_eq!(store::lock_offsets(&mut tx, "p", &parts).await.expect("lock")[&parts[0]], 42);
+    tx.commit().await.expect("commit");
+    pool.close().await;
+    drop_databases(&config).await;
+}

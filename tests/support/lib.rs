@@ -1,0 +1,254 @@
+//! Test support: `spawn_app()` builds every role through the same `build`
+//! functions production uses, against the real broker and PostgreSQL, with
+//! its own topic prefix, consumer groups and databases so tests run in
+//! parallel without seeing each other.
+//!
+//! `LEDGER_TEST_BROKERS` (default `127.0.0.1:9092`) and
+//! `LEDGER_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) say where they are.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ledger_runtime::{Config, Shutdown};
+use ledger_schemas::{Event, Topic};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+use sqlx::PgPool;
+
+pub fn brokers() -> String {
+    std::env::var("LEDGER_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn admin_database_url() -> String {
+    std::env::var("LEDGER_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `base` with its database name replaced by `name`.
+pub fn database_url(base: &str, name: &str) -> String {
+    let (head, query) = match base.split_once('?') {
+        Some((h, q)) => (h, format!("?{q}")),
+        None => (base, String::new()),
+    };
+    let after_scheme = head.find("://").map(|i| i + 3).unwrap_or(0);
+    let root = match head[after_scheme..].find('/') {
+        Some(i) => &head[..after_scheme + i],
+        None => head,
+    };
+    format!("{root}/{name}{query}")
+}
+
+/// A configuration of its own for one test: unique prefix, databases and
+/// sink directory, API on an ephemeral port.
+pub fn test_config() -> Config {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let mut config = Config::default();
+    config.kafka.brokers = brokers();
+    config.kafka.topic_prefix = format!("t{id}.");
+    let base = admin_database_url();
+    config.ops_database_url = database_url(&base, &format!("t{id}_ops"));
+    config.reporting_database_url = database_url(&base, &format!("t{id}_reporting"));
+    config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.sink.dir = std::env::temp_dir().join("ledger-tests").join(&id).join("sink");
+    config.projector.flush_interval_ms = 50;
+    config.dispatcher.retry_backoff_ms = 50;
+    config
+}
+
+pub struct TestApp {
+    pub config: Config,
+    pub api: SocketAddr,
+    pub tenant: String,
+    pub api_key: String,
+    pub ops: PgPool,
+    pub reporting: PgPool,
+    pub shutdown: Shutdown,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    http: reqwest::Client,
+}
+
+/// Sets up topics and databases for `config`.
+pub async fn prepare(config: &Config) -> anyhow::Result<()> {
+    ledger_runtime::db::migrate(&config.ops_database_url, &config.reporting_database_url, &ledger_projections::MIGRATOR)
+        .await?;
+    ledger_runtime::kafka::wait_for_broker(config, Duration::from_secs(30)).await?;
+    ledger_runtime::kafka::create_topics(config, 1).await?;
+    Ok(())
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(test_config()).await
+}
+
+pub async fn spawn_app_with(config: Config) -> TestApp {
+    ledger_runtime::telemetry::init_tracing(&config.telemetry);
+    prepare(&config).await.expect("topics and databases");
+    let ops = ledger_runtime::db::pool(&config.ops_database_url, 4).await.expect("ops pool");
+    let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 4).await.expect("reporting pool");
+    let tenant = "acme".to_owned();
+    let api_key = ledger_ingest::tenants::create(&ops, &tenant).await.expect("tenant");
+
+    let shutdown = Shutdown::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let ingest = ledger_ingest::build(&config).await.expect("ingest");
+    let api = ingest.local_addr();
+    let s = shutdown.clone();
+    tasks.spawn(async move { ingest.run(s).await.map_err(anyhow::Error::from) });
+    let renderer = ledger_renderer::build(&config).expect("renderer");
+    let s = shutdown.clone();
+    tasks.spawn(async move { renderer.run(s).await.map_err(anyhow::Error::from) });
+    let dispatcher = ledger_dispatcher::build(&config).await.expect("dispatcher");
+    let s = shutdown.clone();
+    tasks.spawn(async move { dispatcher.run(s).await.map_err(anyhow::Error::from) });
+    let projector = ledger_projector::build(&config).await.expect("projector");
+    let s = shutdown.clone();
+    tasks.spawn(async move { projector.run(s).await.map_err(anyhow::Error::from) });
+
+    TestApp { config, api, tenant, api_key, ops, reporting, shutdown, tasks, http: reqwest::Client::new() }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// POSTs `body` to `path` with this app's API key and `key` as the
+    /// Idempotency-Key.
+    pub async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> Reply {
+        let mut request = self.http.post(self.url(path)).bearer_auth(&self.api_key).json(body);
+        if let Some(k) = key {
+            request = request.header("idempotency-key", k);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Reply { status, headers, body }
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The read model's row for `message_id`, as JSON, if it exists.
+    pub async fn message_row(&self, message_id: &str) -> Option<Value> {
+        let id = uuid::Uuid::parse_str(message_id).ok()?;
+        sqlx::query_scalar(
+            "-- tests::message_row
+             SELECT to_jsonb(m) FROM messages m WHERE message_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.reporting)
+        .await
+        .expect("query")
+    }
+
+    /// Waits until the message's row has `status`, and returns the row.
+    pub async fn wait_for_status(&self, message_id: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let row = self.message_row(message_id).await;
+            if let Some(r) = &row {
+                if r["status"] == status {
+                    return r.clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "message {message_id} never reached {status}; last row: {row:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many times the sink received each message id.
+    pub fn sink_deliveries(&self, message_id: &str) -> usize {
+        ledger_dispatcher::sink::read_deliveries(&self.config.sink.dir)
+            .expect("sink log")
+            .iter()
+            .filter(|r| r.message_id.to_string() == message_id)
+            .count()
+    }
+
+    /// Every event on `topic`, read from the beginning up to its current end.
+    pub fn read_topic(&self, topic: Topic) -> Vec<Event> {
+        read_topic_raw(&self.config, topic)
+            .into_iter()
+            .filter_map(|bytes| Event::from_json(&bytes).ok())
+            .collect()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.trigger();
+        while let Some(joined) = self.tasks.join_next().await {
+            joined.expect("role panicked").expect("role failed");
+        }
+        self.ops.close().await;
+        self.reporting.close().await;
+        drop_databases(&self.config).await;
+        let _ = std::fs::remove_dir_all(self.config.sink.dir.parent().unwrap_or(&self.config.sink.dir));
+    }
+}
+
+pub async fn drop_databases(config: &Config) {
+    use sqlx::Connection;
+    if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_database_url()).await {
+        for url in [&config.ops_database_url, &config.reporting_database_url] {
+            let name = url.rsplit('/').next().unwrap_or_default().split('?').next().unwrap_or_default();
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await;
+        }
+    }
+}
+
+/// Record values on `topic` from the beginning until it has been quiet
+/// for a second. Watermarks are not used: the local broker reports a high
+/// watermark one short when a produce request carried several records.
+pub fn read_topic_raw(config: &Config, topic: Topic) -> Vec<Vec<u8>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let name = config.topic(topic);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..topic.partitions() {
+        tpl.add_partition_offset(&name, p, Offset::Beginning).expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Until the first record, allow for connecting and fetching offsets.
+    let mut last_seen = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline && Instant::now() < last_seen + Duration::from_secs(1) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                out.push(m.payload().unwrap_or_default().to_vec());
+                last_seen = Instant::now();
+            }
+            Some(Err(e)) => panic!("reading {name}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
