@@ -359,45 +359,67 @@ mod tests {
 
     fn lifecycle() -> Vec<Event> {
         vec![
-            ev(0, EventBody::RecipientBatch(RecipientBatch {
-                batch_index: 0,
-                batch_count: 1,
-                channel: Channel::Email,
-                priority: Priority::Transactional,
-                from: None,
-                content: Content::default(),
-                recipients: vec![Recipient { address: "a@x.io".into(), variables: Default::default() }],
-                send_at: None,
-            })),
-            ev(1, EventBody::MessageRendered(MessageRendered {
-                channel: Channel::Email,
-                priority: Priority::Transactional,
-                recipient: "a@x.io".into(),
-                from: None,
-                subject: None,
-                text: None,
-                html: None,
-            })),
-            ev(2, EventBody::DeliveryAttempted(DeliveryAttempted {
-                attempt: 1,
-                channel: Channel::Email,
-                recipient: "a@x.io".into(),
-                provider: "sink".into(),
-            })),
-            ev(3, EventBody::DeliveryFailed(DeliveryFailed {
-                attempt: 1,
-                provider: "sink".into(),
-                code: "timeout".into(),
-                reason: "timed out".into(),
-                permanent: false,
-            })),
-            ev(4, EventBody::DeliveryAttempted(DeliveryAttempted {
-                attempt: 2,
-                channel: Channel::Email,
-                recipient: "a@x.io".into(),
-                provider: "sink".into(),
-            })),
-            ev(5, EventBody::Delivered(Delivered { attempt: 2, provider: "sink".into(), provider_message_id: Some("p".into()) })),
+            ev(
+                0,
+                EventBody::RecipientBatch(RecipientBatch {
+                    batch_index: 0,
+                    batch_count: 1,
+                    channel: Channel::Email,
+                    priority: Priority::Transactional,
+                    from: None,
+                    content: Content::default(),
+                    recipients: vec![Recipient { address: "a@x.io".into(), variables: Default::default() }],
+                    send_at: None,
+                }),
+            ),
+            ev(
+                1,
+                EventBody::MessageRendered(MessageRendered {
+                    channel: Channel::Email,
+                    priority: Priority::Transactional,
+                    recipient: "a@x.io".into(),
+                    from: None,
+                    subject: None,
+                    text: None,
+                    html: None,
+                }),
+            ),
+            ev(
+                2,
+                EventBody::DeliveryAttempted(DeliveryAttempted {
+                    attempt: 1,
+                    channel: Channel::Email,
+                    recipient: "a@x.io".into(),
+                    provider: "sink".into(),
+                }),
+            ),
+            ev(
+                3,
+                EventBody::DeliveryFailed(DeliveryFailed {
+                    attempt: 1,
+                    provider: "sink".into(),
+                    code: "timeout".into(),
+                    reason: "timed out".into(),
+                    permanent: false,
+                }),
+            ),
+            ev(
+                4,
+                EventBody::DeliveryAttempted(DeliveryAttempted {
+                    attempt: 2,
+                    channel: Channel::Email,
+                    recipient: "a@x.io".into(),
+                    provider: "sink".into(),
+                }),
+            ),
+            ev(
+                5,
+                EventBody::Delivered(Delivered {
+                    attempt: 2,
+                    provider: "sink".into(),
+                    provider_message_id: Some("p".into()),
+                }),
+            ),
         ]
     }
 

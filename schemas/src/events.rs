@@ -455,10 +455,7 @@ mod tests {
         assert_eq!(Event::from_json(b"\xff\x00garbage").unwrap_err().code(), "malformed_event");
         let mut v: Value = serde_json::from_slice(&delivered().to_json()).unwrap();
         v["data"].as_object_mut().unwrap().remove("attempt");
-        assert_eq!(
-            Event::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err().code(),
-            "malformed_event"
-        );
+        assert_eq!(Event::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err().code(), "malformed_event");
     }
 
     #[test]

@@ -112,9 +112,9 @@ impl TenantId {
     pub fn parse(s: &str) -> Result<Self, InvalidTenant> {
         let ok = !s.is_empty()
             && s.len() <= 63
-            && s.bytes().enumerate().all(|(i, b)| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_'))
-            });
+            && s.bytes()
+                .enumerate()
+                .all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_')));
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -145,19 +145,10 @@ mod tests {
     #[test]
     fn the_same_tenant_and_key_always_give_the_same_intent_id() {
         let t = TenantId::parse("acme").unwrap();
-        assert_eq!(
-            IntentId::from_idempotency_key(&t, "k-1"),
-            IntentId::from_idempotency_key(&t, "k-1")
-        );
-        assert_ne!(
-            IntentId::from_idempotency_key(&t, "k-1"),
-            IntentId::from_idempotency_key(&t, "k-2")
-        );
+        assert_eq!(IntentId::from_idempotency_key(&t, "k-1"), IntentId::from_idempotency_key(&t, "k-1"));
+        assert_ne!(IntentId::from_idempotency_key(&t, "k-1"), IntentId::from_idempotency_key(&t, "k-2"));
         let other = TenantId::parse("globex").unwrap();
-        assert_ne!(
-            IntentId::from_idempotency_key(&t, "k-1"),
-            IntentId::from_idempotency_key(&other, "k-1")
-        );
+        assert_ne!(IntentId::from_idempotency_key(&t, "k-1"), IntentId::from_idempotency_key(&other, "k-1"));
     }
 
     #[test]
@@ -170,10 +161,7 @@ mod tests {
     #[test]
     fn message_ids_ignore_recipient_case_and_whitespace() {
         let i = IntentId(Uuid::from_u128(7));
-        assert_eq!(
-            MessageId::derive(i, " Bob@Example.com"),
-            MessageId::derive(i, "bob@example.com")
-        );
+        assert_eq!(MessageId::derive(i, " Bob@Example.com"), MessageId::derive(i, "bob@example.com"));
     }
 
     #[test]

@@ -9,10 +9,9 @@ pub mod ids;
 pub mod topics;
 
 pub use events::{
-    Channel, Content, DeadLettered, DecodeError, DeliveryAmbiguous, DeliveryAttempted,
-    DeliveryFailed, Delivered, Event, EventBody, EventKind, IntentAccepted, IntentKind,
-    MessageRendered, Priority, Recipient, RecipientBatch, RenderFailed, Suppressed,
-    SuppressionReason,
+    Channel, Content, DeadLettered, DecodeError, Delivered, DeliveryAmbiguous, DeliveryAttempted, DeliveryFailed,
+    Event, EventBody, EventKind, IntentAccepted, IntentKind, MessageRendered, Priority, Recipient, RecipientBatch,
+    RenderFailed, Suppressed, SuppressionReason,
 };
 pub use ids::{EventId, IntentId, MessageId, TenantId};
 pub use topics::{ConsumerGroup, Topic};

@@ -18,13 +18,7 @@ pub enum Topic {
 }
 
 impl Topic {
-    pub const ALL: [Topic; 5] = [
-        Topic::Intents,
-        Topic::Rendered,
-        Topic::Outcomes,
-        Topic::Retries,
-        Topic::DeadLetter,
-    ];
+    pub const ALL: [Topic; 5] = [Topic::Intents, Topic::Rendered, Topic::Outcomes, Topic::Retries, Topic::DeadLetter];
 
     pub fn base_name(self) -> &'static str {
         match self {

@@ -2,6 +2,8 @@
 //! must agree. Run with `UPDATE_SCHEMAS=1` after a deliberate change to
 //! rewrite the files; a new version of an event is a new file.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -12,9 +14,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 fn schema_path(kind: EventKind) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("events")
-        .join(format!("{}.json", kind.type_name()))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("events").join(format!("{}.json", kind.type_name()))
 }
 
 #[test]
@@ -112,7 +112,11 @@ fn samples() -> Vec<Event> {
             recipient: "x@y.z".into(),
             provider: "sink".into(),
         })),
-        sample(EventBody::Delivered(Delivered { attempt: 1, provider: "sink".into(), provider_message_id: Some("p".into()) })),
+        sample(EventBody::Delivered(Delivered {
+            attempt: 1,
+            provider: "sink".into(),
+            provider_message_id: Some("p".into()),
+        })),
         sample(EventBody::DeliveryFailed(DeliveryFailed {
             attempt: 1,
             provider: "sink".into(),
@@ -120,7 +124,11 @@ fn samples() -> Vec<Event> {
             reason: "no".into(),
             permanent: true,
         })),
-        sample(EventBody::DeliveryAmbiguous(DeliveryAmbiguous { attempt: 1, provider: "sink".into(), reason: "r".into() })),
+        sample(EventBody::DeliveryAmbiguous(DeliveryAmbiguous {
+            attempt: 1,
+            provider: "sink".into(),
+            reason: "r".into(),
+        })),
         sample(EventBody::Suppressed(Suppressed {
             channel: Channel::Email,
             recipient: "x@y.z".into(),

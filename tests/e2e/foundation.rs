@@ -39,6 +39,13 @@ async fn a_message_is_accepted_delivered_once_and_projected() {
     assert!(row["provider_message_id"].as_str().unwrap_or_default().starts_with("sink-"));
     assert_eq!(app.sink_deliveries(&message_id), 1);
 
+    let metrics = app.http().get(app.url("/metrics")).send().await.expect("metrics").text().await.expect("body");
+    let delivered = metrics
+        .lines()
+        .find(|l| l.starts_with("ledger_deliveries_total") && l.contains("outcome=\"delivered\""))
+        .unwrap_or_else(|| panic!("no delivered counter in:\n{metrics}"));
+    assert!(delivered.ends_with(" 1"), "{delivered}");
+
     // The rendered message reached the provider with its variables merged
     // and escaped in the HTML part.
     let rendered = app
@@ -75,11 +82,8 @@ async fn a_redelivered_intent_renders_the_same_message_and_sends_it_once() {
     // Replay the intent's recipient batch as a crash before the renderer's
     // offset commit would: same key, same bytes.
     let producer = ledger_runtime::kafka::producer(&app.config).expect("producer");
-    let batch = app
-        .read_topic(Topic::Intents)
-        .into_iter()
-        .find(|e| e.kind() == EventKind::RecipientBatch)
-        .expect("batch");
+    let batch =
+        app.read_topic(Topic::Intents).into_iter().find(|e| e.kind() == EventKind::RecipientBatch).expect("batch");
     ledger_runtime::kafka::send_event(&producer, &app.config, Topic::Intents, &batch.intent_id.to_string(), &batch)
         .await
         .expect("produce");
@@ -89,7 +93,9 @@ async fn a_redelivered_intent_renders_the_same_message_and_sends_it_once() {
     let delivered_events = |events: Vec<ledger_schemas::Event>| {
         events
             .into_iter()
-            .filter(|e| e.kind() == EventKind::Delivered && e.message_id.map(|m| m.to_string()) == Some(message_id.clone()))
+            .filter(|e| {
+                e.kind() == EventKind::Delivered && e.message_id.map(|m| m.to_string()) == Some(message_id.clone())
+            })
             .collect::<Vec<_>>()
     };
     let events = eventually("the re-published outcome", Duration::from_secs(30), || async {
@@ -143,7 +149,12 @@ async fn bad_requests_are_refused_with_problem_json_and_produce_nothing() {
     let cases: Vec<(Option<&str>, Value, u16, &str)> = vec![
         (None, email("ann@example.com"), 400, "idempotency-key"),
         (Some("b1"), email("not-an-address"), 422, "validation"),
-        (Some("b2"), json!({"to": "ann@example.com", "content": {"subject": "s", "text": "t"}, "cc": "x"}), 400, "invalid-body"),
+        (
+            Some("b2"),
+            json!({"to": "ann@example.com", "content": {"subject": "s", "text": "t"}, "cc": "x"}),
+            400,
+            "invalid-body",
+        ),
         (Some("b3"), json!({"to": "ann@example.com", "content": {"text": "t"}}), 422, "validation"),
         (Some("b4"), json!({"to": "ann@example.com", "content": {"subject": "s"}}), 422, "validation"),
         (Some("b5"), json!([1, 2]), 400, "invalid-body"),
@@ -247,12 +258,10 @@ async fn a_poison_record_is_dead_lettered_and_the_pipeline_goes_on() {
     app.wait_for_status(reply.body["message_id"].as_str().expect("id"), "delivered").await;
 
     let dead = eventually("the dead letter in the read model", Duration::from_secs(30), || async {
-        sqlx::query_as::<_, (String, String, String)>(
-            "SELECT code, consumer, source_topic FROM dead_letters",
-        )
-        .fetch_optional(&app.reporting)
-        .await
-        .expect("query")
+        sqlx::query_as::<_, (String, String, String)>("SELECT code, consumer, source_topic FROM dead_letters")
+            .fetch_optional(&app.reporting)
+            .await
+            .expect("query")
     })
     .await;
     assert_eq!(dead.0, "malformed_event");

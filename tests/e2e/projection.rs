@@ -22,45 +22,67 @@ fn events() -> Vec<Event> {
         correlation_id: "c".into(),
     };
     vec![
-        ev(0, EventBody::RecipientBatch(RecipientBatch {
-            batch_index: 0,
-            batch_count: 1,
-            channel: Channel::Email,
-            priority: Priority::Transactional,
-            from: None,
-            content: Content::default(),
-            recipients: vec![Recipient { address: "a@example.com".into(), variables: Default::default() }],
-            send_at: None,
-        })),
-        ev(1, EventBody::MessageRendered(MessageRendered {
-            channel: Channel::Email,
-            priority: Priority::Transactional,
-            recipient: "a@example.com".into(),
-            from: None,
-            subject: None,
-            text: None,
-            html: None,
-        })),
-        ev(2, EventBody::DeliveryAttempted(DeliveryAttempted {
-            attempt: 1,
-            channel: Channel::Email,
-            recipient: "a@example.com".into(),
-            provider: "sink".into(),
-        })),
-        ev(3, EventBody::DeliveryFailed(DeliveryFailed {
-            attempt: 1,
-            provider: "sink".into(),
-            code: "timeout".into(),
-            reason: "slow".into(),
-            permanent: false,
-        })),
-        ev(4, EventBody::DeliveryAttempted(DeliveryAttempted {
-            attempt: 2,
-            channel: Channel::Email,
-            recipient: "a@example.com".into(),
-            provider: "sink".into(),
-        })),
-        ev(5, EventBody::Delivered(Delivered { attempt: 2, provider: "sink".into(), provider_message_id: Some("p-1".into()) })),
+        ev(
+            0,
+            EventBody::RecipientBatch(RecipientBatch {
+                batch_index: 0,
+                batch_count: 1,
+                channel: Channel::Email,
+                priority: Priority::Transactional,
+                from: None,
+                content: Content::default(),
+                recipients: vec![Recipient { address: "a@example.com".into(), variables: Default::default() }],
+                send_at: None,
+            }),
+        ),
+        ev(
+            1,
+            EventBody::MessageRendered(MessageRendered {
+                channel: Channel::Email,
+                priority: Priority::Transactional,
+                recipient: "a@example.com".into(),
+                from: None,
+                subject: None,
+                text: None,
+                html: None,
+            }),
+        ),
+        ev(
+            2,
+            EventBody::DeliveryAttempted(DeliveryAttempted {
+                attempt: 1,
+                channel: Channel::Email,
+                recipient: "a@example.com".into(),
+                provider: "sink".into(),
+            }),
+        ),
+        ev(
+            3,
+            EventBody::DeliveryFailed(DeliveryFailed {
+                attempt: 1,
+                provider: "sink".into(),
+                code: "timeout".into(),
+                reason: "slow".into(),
+                permanent: false,
+            }),
+        ),
+        ev(
+            4,
+            EventBody::DeliveryAttempted(DeliveryAttempted {
+                attempt: 2,
+                channel: Channel::Email,
+                recipient: "a@example.com".into(),
+                provider: "sink".into(),
+            }),
+        ),
+        ev(
+            5,
+            EventBody::Delivered(Delivered {
+                attempt: 2,
+                provider: "sink".into(),
+                provider_message_id: Some("p-1".into()),
+            }),
+        ),
     ]
 }
 
@@ -81,9 +103,13 @@ async fn apply_one_by_one(pool: &sqlx::PgPool, events: &[Event]) {
 #[tokio::test]
 async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
     let config = test_config();
-    ledger_runtime::db::migrate(&config.ops_database_url, &config.reporting_database_url, &ledger_projections::MIGRATOR)
-        .await
-        .expect("migrate");
+    ledger_runtime::db::migrate(
+        &config.ops_database_url,
+        &config.reporting_database_url,
+        &ledger_projections::MIGRATOR,
+    )
+    .await
+    .expect("migrate");
     let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
 
     let events = events();
@@ -116,29 +142,45 @@ async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
 #[tokio::test]
 async fn offsets_are_locked_and_saved_with_the_rows() {
     let config = test_config();
-    ledger_runtime::db::migrate(&config.ops_database_url, &config.reporting_database_url, &ledger_projections::MIGRATOR)
-        .await
-        .expect("migrate");
+    ledger_runtime::db::migrate(
+        &config.ops_database_url,
+        &config.reporting_database_url,
+        &ledger_projections::MIGRATOR,
+    )
+    .await
+    .expect("migrate");
     let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
     let parts = vec![("t.outcomes".to_owned(), 3)];
     let mut tx = pool.begin().await.expect("tx");
     assert_eq!(store::lock_offsets(&mut tx, "p", &parts).await.expect("lock")[&parts[0]], 0);
-    store::save_offsets(&mut tx, "p", &[store::PartitionOffset { topic: "t.outcomes".into(), partition: 3, next_offset: 42 }])
-        .await
-        .expect("save");
+    store::save_offsets(
+        &mut tx,
+        "p",
+        &[store::PartitionOffset { topic: "t.outcomes".into(), partition: 3, next_offset: 42 }],
+    )
+    .await
+    .expect("save");
     tx.rollback().await.expect("rollback");
     // Rolled back with its rows: nothing moved.
     let mut tx = pool.begin().await.expect("tx");
     assert_eq!(store::lock_offsets(&mut tx, "p", &parts).await.expect("lock")[&parts[0]], 0);
-    store::save_offsets(&mut tx, "p", &[store::PartitionOffset { topic: "t.outcomes".into(), partition: 3, next_offset: 42 }])
-        .await
-        .expect("save");
+    store::save_offsets(
+        &mut tx,
+        "p",
+        &[store::PartitionOffset { topic: "t.outcomes".into(), partition: 3, next_offset: 42 }],
+    )
+    .await
+    .expect("save");
     tx.commit().await.expect("commit");
     // Offsets never move backwards.
     let mut tx = pool.begin().await.expect("tx");
-    store::save_offsets(&mut tx, "p", &[store::PartitionOffset { topic: "t.outcomes".into(), partition: 3, next_offset: 7 }])
-        .await
-        .expect("save");
+    store::save_offsets(
+        &mut tx,
+        "p",
+        &[store::PartitionOffset { topic: "t.outcomes".into(), partition: 3, next_offset: 7 }],
+    )
+    .await
+    .expect("save");
     assert_eq!(store::lock_offsets(&mut tx, "p", &parts).await.expect("lock")[&parts[0]], 42);
     tx.commit().await.expect("commit");
     pool.close().await;

@@ -70,8 +70,12 @@ pub struct TestApp {
 
 /// Sets up topics and databases for `config`.
 pub async fn prepare(config: &Config) -> anyhow::Result<()> {
-    ledger_runtime::db::migrate(&config.ops_database_url, &config.reporting_database_url, &ledger_projections::MIGRATOR)
-        .await?;
+    ledger_runtime::db::migrate(
+        &config.ops_database_url,
+        &config.reporting_database_url,
+        &ledger_projections::MIGRATOR,
+    )
+    .await?;
     ledger_runtime::kafka::wait_for_broker(config, Duration::from_secs(30)).await?;
     ledger_runtime::kafka::create_topics(config, 1).await?;
     Ok(())
@@ -82,7 +86,7 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(config: Config) -> TestApp {
-    ledger_runtime::telemetry::init_tracing(&config.telemetry);
+    ledger_runtime::telemetry::init(&config.telemetry);
     prepare(&config).await.expect("topics and databases");
     let ops = ledger_runtime::db::pool(&config.ops_database_url, 4).await.expect("ops pool");
     let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 4).await.expect("reporting pool");
@@ -176,10 +180,7 @@ impl TestApp {
 
     /// Every event on `topic`, read from the beginning up to its current end.
     pub fn read_topic(&self, topic: Topic) -> Vec<Event> {
-        read_topic_raw(&self.config, topic)
-            .into_iter()
-            .filter_map(|bytes| Event::from_json(&bytes).ok())
-            .collect()
+        read_topic_raw(&self.config, topic).into_iter().filter_map(|bytes| Event::from_json(&bytes).ok()).collect()
     }
 
     pub async fn stop(mut self) {

@@ -149,7 +149,13 @@ impl Dispatcher {
                             work.push(event);
                         }
                     } else if matches!(event.body, EventBody::MessageRendered(_)) {
-                        self.dead_letter(m, Some(&event), "missing_message_id", "a rendered message without message_id").await?;
+                        self.dead_letter(
+                            m,
+                            Some(&event),
+                            "missing_message_id",
+                            "a rendered message without message_id",
+                        )
+                        .await?;
                     }
                     // Render failures share the topic and need no delivery.
                 }
@@ -164,7 +170,13 @@ impl Dispatcher {
         results.into_iter().collect()
     }
 
-    async fn dead_letter(&self, m: &OwnedMessage, event: Option<&Event>, code: &str, reason: &str) -> Result<(), DispatchError> {
+    async fn dead_letter(
+        &self,
+        m: &OwnedMessage,
+        event: Option<&Event>,
+        code: &str,
+        reason: &str,
+    ) -> Result<(), DispatchError> {
         kafka::dead_letter(&self.producer, &self.config, ConsumerGroup::Dispatcher, m, event, code, reason).await?;
         Ok(())
     }
@@ -205,7 +217,8 @@ impl Dispatcher {
                 }),
             );
             self.publish(&suppressed).await?;
-            metrics::counter!("ledger_deliveries_total", "tenant" => tenant, "outcome" => "suppressed_sandbox").increment(1);
+            metrics::counter!("ledger_deliveries_total", "tenant" => tenant, "outcome" => "suppressed_sandbox")
+                .increment(1);
             return Ok(());
         }
         let lease = i64::from(self.config.dispatcher.claim_lease_secs);
@@ -265,7 +278,13 @@ impl Dispatcher {
 
     /// One provider call under a claim we hold. Returns `false` when the
     /// caller must look at the claim again (lost it, or a retry is due).
-    async fn attempt(&self, event: &Event, message: &MessageRendered, id: MessageId, attempt: u32) -> Result<bool, DispatchError> {
+    async fn attempt(
+        &self,
+        event: &Event,
+        message: &MessageRendered,
+        id: MessageId,
+        attempt: u32,
+    ) -> Result<bool, DispatchError> {
         let provider = self.provider.name();
         let attempted = self.outcome(
             event,
@@ -296,17 +315,28 @@ impl Dispatcher {
         let started = std::time::Instant::now();
         let timeout = Duration::from_millis(self.config.dispatcher.provider_timeout_ms);
         let result = tokio::time::timeout(timeout, self.provider.send(id, message)).await;
-        metrics::histogram!("ledger_provider_call_seconds", "provider" => provider).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("ledger_provider_call_seconds", "provider" => provider)
+            .record(started.elapsed().as_secs_f64());
         let tenant = event.tenant_id.0.clone();
         let (what, body, label) = match result {
             Ok(Ok(accepted)) => (
                 "delivered",
-                EventBody::Delivered(Delivered { attempt, provider: provider.to_owned(), provider_message_id: accepted.provider_message_id }),
+                EventBody::Delivered(Delivered {
+                    attempt,
+                    provider: provider.to_owned(),
+                    provider_message_id: accepted.provider_message_id,
+                }),
                 "delivered",
             ),
             Ok(Err(ProviderError::Permanent { code, reason })) => (
                 "failed",
-                EventBody::DeliveryFailed(DeliveryFailed { attempt, provider: provider.to_owned(), code, reason, permanent: true }),
+                EventBody::DeliveryFailed(DeliveryFailed {
+                    attempt,
+                    provider: provider.to_owned(),
+                    code,
+                    reason,
+                    permanent: true,
+                }),
                 "failed",
             ),
             Ok(Err(ProviderError::Transient { code, reason })) => {
@@ -347,7 +377,13 @@ impl Dispatcher {
 
     /// A transient failure: record it, hand the claim back for the next
     /// attempt and wait out the backoff. The message is delayed, not skipped.
-    async fn retry_later(&self, event: &Event, id: MessageId, attempt: u32, failed: DeliveryFailed) -> Result<bool, DispatchError> {
+    async fn retry_later(
+        &self,
+        event: &Event,
+        id: MessageId,
+        attempt: u32,
+        failed: DeliveryFailed,
+    ) -> Result<bool, DispatchError> {
         let failure = self.outcome(event, id, "failed", attempt, EventBody::DeliveryFailed(failed));
         sqlx::query(
             "-- dispatcher::retry_later

@@ -19,6 +19,9 @@ pub struct Accepted {
 pub trait Provider: Send + Sync {
     /// Name used in events and metrics.
     fn name(&self) -> &'static str;
-    fn send<'a>(&'a self, message_id: MessageId, message: &'a MessageRendered)
-        -> BoxFuture<'a, Result<Accepted, ProviderError>>;
+    fn send<'a>(
+        &'a self,
+        message_id: MessageId,
+        message: &'a MessageRendered,
+    ) -> BoxFuture<'a, Result<Accepted, ProviderError>>;
 }

@@ -61,7 +61,11 @@ impl Provider for SinkProvider {
         "sink"
     }
 
-    fn send<'a>(&'a self, message_id: MessageId, message: &'a MessageRendered) -> BoxFuture<'a, Result<Accepted, ProviderError>> {
+    fn send<'a>(
+        &'a self,
+        message_id: MessageId,
+        message: &'a MessageRendered,
+    ) -> BoxFuture<'a, Result<Accepted, ProviderError>> {
         Box::pin(async move {
             if !self.latency.is_zero() {
                 tokio::time::sleep(self.latency).await;

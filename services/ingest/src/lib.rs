@@ -24,8 +24,8 @@ use axum::{Json, Router};
 use chrono::Utc;
 use ledger_runtime::{kafka, Config, Shutdown};
 use ledger_schemas::{
-    Event, EventBody, EventId, IntentAccepted, IntentId, IntentKind, MessageId, Recipient, RecipientBatch,
-    TenantId, Topic,
+    Event, EventBody, EventId, IntentAccepted, IntentId, IntentKind, MessageId, Recipient, RecipientBatch, TenantId,
+    Topic,
 };
 use rdkafka::producer::FutureProducer;
 use serde_json::{json, Value};
@@ -59,9 +59,9 @@ pub struct Ingest {
 pub async fn build(config: &Config) -> anyhow_free::Result<Ingest> {
     let producer = kafka::producer(config)?;
     let ops = ledger_runtime::db::pool(&config.ops_database_url, 16).await?;
-    let listener = TcpListener::bind(config.http.listen).await.map_err(|e| {
-        ledger_runtime::RuntimeError::Config(format!("cannot listen on {}: {e}", config.http.listen))
-    })?;
+    let listener = TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|e| ledger_runtime::RuntimeError::Config(format!("cannot listen on {}: {e}", config.http.listen)))?;
     let state = Arc::new(AppState { config: config.clone(), producer, ops, auth: Authenticator::default() });
     let router = Router::new()
         .route("/v1/messages", post(send_message))
@@ -85,9 +85,7 @@ impl Ingest {
     /// Serves until `shutdown`; in-flight requests finish first.
     pub async fn run(self, shutdown: Shutdown) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "ingest listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { shutdown.wait().await })
-            .await
+        axum::serve(self.listener, self.router).with_graceful_shutdown(async move { shutdown.wait().await }).await
     }
 }
 
@@ -119,13 +117,8 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantId,
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
-    let value = headers
-        .get(HEADER_IDEMPOTENCY_KEY)
-        .ok_or_else(|| ApiError::IdempotencyKey("it is missing".into()))?;
-    let key = value
-        .to_str()
-        .map_err(|_| ApiError::IdempotencyKey("it must be printable ASCII".into()))?
-        .trim();
+    let value = headers.get(HEADER_IDEMPOTENCY_KEY).ok_or_else(|| ApiError::IdempotencyKey("it is missing".into()))?;
+    let key = value.to_str().map_err(|_| ApiError::IdempotencyKey("it must be printable ASCII".into()))?.trim();
     if key.is_empty() || key.len() > 255 {
         return Err(ApiError::IdempotencyKey("it must be 1 to 255 characters".into()));
     }
@@ -175,12 +168,7 @@ enum Claim {
     Replay(Value),
 }
 
-async fn claim_key(
-    state: &AppState,
-    tenant: &TenantId,
-    key: &str,
-    hash: &[u8],
-) -> Result<Claim, ApiError> {
+async fn claim_key(state: &AppState, tenant: &TenantId, key: &str, hash: &[u8]) -> Result<Claim, ApiError> {
     let ttl = chrono::Duration::hours(i64::from(state.config.http.idempotency_ttl_hours));
     let intent = IntentId::from_idempotency_key(tenant, key);
     let inserted = sqlx::query(
@@ -265,7 +253,8 @@ async fn send_message(State(state): State<Arc<AppState>>, request: Request) -> R
     let response = result.unwrap_or_else(IntoResponse::into_response);
     metrics::counter!("ledger_http_requests_total", "route" => "/v1/messages", "status" => response.status().as_u16().to_string())
         .increment(1);
-    metrics::histogram!("ledger_http_request_seconds", "route" => "/v1/messages").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("ledger_http_request_seconds", "route" => "/v1/messages")
+        .record(started.elapsed().as_secs_f64());
     response
 }
 
@@ -350,6 +339,6 @@ async fn handle_send_message(state: &AppState, request: Request) -> Result<Respo
     .execute(&state.ops)
     .await?;
     metrics::counter!("ledger_intents_accepted_total", "tenant" => tenant.0.clone(), "kind" => "single").increment(1);
-    tracing::info!(intent_id = %intent, tenant = %tenant, correlation_id = %correlation, "intent accepted");
+    tracing::debug!(intent_id = %intent, tenant = %tenant, correlation_id = %correlation, "intent accepted");
     Ok(accepted(response, &key_str, false, &correlation))
 }

@@ -38,7 +38,9 @@ impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
-            ApiError::IdempotencyKey(_) => (StatusCode::BAD_REQUEST, "idempotency-key", "Missing or invalid Idempotency-Key"),
+            ApiError::IdempotencyKey(_) => {
+                (StatusCode::BAD_REQUEST, "idempotency-key", "Missing or invalid Idempotency-Key")
+            }
             ApiError::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid-body", "Malformed request body"),
             ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation", "Invalid request"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Request body too large"),
@@ -98,9 +100,7 @@ impl IntoResponse for ApiError {
             errors,
         };
         let mut response = (status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         response
     }
 }

@@ -64,9 +64,13 @@ pub fn email_problem(address: &str) -> Option<&'static str> {
     }
     let labels: Vec<&str> = domain.split('.').collect();
     if labels.len() < 2
-        || labels
-            .iter()
-            .any(|l| l.is_empty() || l.len() > 63 || l.starts_with('-') || l.ends_with('-') || !l.chars().all(|c| c.is_alphanumeric() || c == '-'))
+        || labels.iter().any(|l| {
+            l.is_empty()
+                || l.len() > 63
+                || l.starts_with('-')
+                || l.ends_with('-')
+                || !l.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
     {
         return Some("has an invalid domain");
     }
@@ -91,7 +95,9 @@ impl SendMessage {
         match &self.content.subject {
             None => err("content.subject", "an email needs a subject".into()),
             Some(s) if s.trim().is_empty() => err("content.subject", "the subject is empty".into()),
-            Some(s) if s.len() > MAX_SUBJECT_BYTES => err("content.subject", format!("longer than {MAX_SUBJECT_BYTES} bytes")),
+            Some(s) if s.len() > MAX_SUBJECT_BYTES => {
+                err("content.subject", format!("longer than {MAX_SUBJECT_BYTES} bytes"))
+            }
             Some(s) if s.contains(['\r', '\n']) => err("content.subject", "contains a line break".into()),
             _ => {}
         }

@@ -84,7 +84,7 @@ async fn main() {
     let cli = Cli::parse();
     let result = async {
         let config = Config::load()?;
-        telemetry::init_tracing(&config.telemetry);
+        telemetry::init(&config.telemetry);
         dispatch(cli, config).await
     }
     .await;
@@ -107,9 +107,13 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Db { command: DbCommand::Migrate } => {
-            ledger_runtime::db::migrate(&config.ops_database_url, &config.reporting_database_url, &ledger_projections::MIGRATOR)
-                .await
-                .context("migrating the databases")?;
+            ledger_runtime::db::migrate(
+                &config.ops_database_url,
+                &config.reporting_database_url,
+                &ledger_projections::MIGRATOR,
+            )
+            .await
+            .context("migrating the databases")?;
             println!("migrated {} and {}", redact(&config.ops_database_url), redact(&config.reporting_database_url));
             Ok(())
         }

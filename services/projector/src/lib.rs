@@ -138,7 +138,16 @@ impl Projector {
                 Err(e) => {
                     let topic = Topic::from_name(&self.config.kafka.topic_prefix, m.topic());
                     if topic == Some(Topic::Outcomes) {
-                        kafka::dead_letter(&self.producer, &self.config, ConsumerGroup::Projector, m, None, e.code(), &e.to_string()).await?;
+                        kafka::dead_letter(
+                            &self.producer,
+                            &self.config,
+                            ConsumerGroup::Projector,
+                            m,
+                            None,
+                            e.code(),
+                            &e.to_string(),
+                        )
+                        .await?;
                     } else {
                         metrics::counter!("ledger_projection_skipped_total", "topic" => m.topic().to_owned(), "code" => e.code()).increment(1);
                     }

@@ -77,8 +77,16 @@ impl Renderer {
         let event = match Event::from_json(payload) {
             Ok(e) => e,
             Err(e) => {
-                return kafka::dead_letter(&self.producer, &self.config, ConsumerGroup::Renderer, message, None, e.code(), &e.to_string())
-                    .await
+                return kafka::dead_letter(
+                    &self.producer,
+                    &self.config,
+                    ConsumerGroup::Renderer,
+                    message,
+                    None,
+                    e.code(),
+                    &e.to_string(),
+                )
+                .await
             }
         };
         let EventBody::RecipientBatch(batch) = &event.body else {

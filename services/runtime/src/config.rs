@@ -216,7 +216,10 @@ impl Config {
             return bad("kafka.brokers is empty".into());
         }
         if !["none", "lz4", "zstd", "snappy", "gzip"].contains(&self.kafka.compression.as_str()) {
-            return bad(format!("kafka.compression {:?} is not one of none, lz4, zstd, snappy, gzip", self.kafka.compression));
+            return bad(format!(
+                "kafka.compression {:?} is not one of none, lz4, zstd, snappy, gzip",
+                self.kafka.compression
+            ));
         }
         if self.ops_database_url == self.reporting_database_url {
             return bad("ops_database_url and reporting_database_url must name different databases".into());

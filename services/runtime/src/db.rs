@@ -27,10 +27,12 @@ pub async fn ensure_database(url: &str) -> Result<bool, RuntimeError> {
         .ok_or_else(|| RuntimeError::Config(format!("database URL {url} names no database")))?
         .to_owned();
     let mut admin = PgConnection::connect_with(&options.clone().database("postgres")).await?;
-    let exists: bool = sqlx::query_scalar("-- runtime::db::ensure_database\nSELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut admin)
-        .await?;
+    let exists: bool = sqlx::query_scalar(
+        "-- runtime::db::ensure_database\nSELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+    )
+    .bind(&name)
+    .fetch_one(&mut admin)
+    .await?;
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         match sqlx::query(&format!("CREATE DATABASE {quoted}")).execute(&mut admin).await {
@@ -45,7 +47,11 @@ pub async fn ensure_database(url: &str) -> Result<bool, RuntimeError> {
 }
 
 /// Creates (if needed) and migrates both databases.
-pub async fn migrate(ops_url: &str, reporting_url: &str, reporting: &sqlx::migrate::Migrator) -> Result<(), RuntimeError> {
+pub async fn migrate(
+    ops_url: &str,
+    reporting_url: &str,
+    reporting: &sqlx::migrate::Migrator,
+) -> Result<(), RuntimeError> {
     ensure_database(ops_url).await?;
     ensure_database(reporting_url).await?;
     let ops = pool(ops_url, 2).await?;

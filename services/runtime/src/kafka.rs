@@ -68,10 +68,8 @@ pub fn consumer(config: &Config, group: ConsumerGroup, topics: &[Topic]) -> Resu
 pub async fn create_topics(config: &Config, replication: i32) -> Result<Vec<(String, &'static str)>, RuntimeError> {
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
     let names: Vec<(Topic, String)> = Topic::ALL.iter().map(|t| (*t, config.topic(*t))).collect();
-    let new: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|(t, n)| NewTopic::new(n, t.partitions(), TopicReplication::Fixed(replication)))
-        .collect();
+    let new: Vec<NewTopic<'_>> =
+        names.iter().map(|(t, n)| NewTopic::new(n, t.partitions(), TopicReplication::Fixed(replication))).collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&new, &opts).await?;
     let mut report = Vec::new();
@@ -134,7 +132,8 @@ pub async fn send_event(
         .map_err(|(e, _)| e);
     let outcome = if result.is_ok() { "ok" } else { "error" };
     metrics::counter!("ledger_kafka_produced_total", "topic" => topic.base_name(), "outcome" => outcome).increment(1);
-    metrics::histogram!("ledger_kafka_produce_seconds", "topic" => topic.base_name()).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("ledger_kafka_produce_seconds", "topic" => topic.base_name())
+        .record(started.elapsed().as_secs_f64());
     result
 }
 
@@ -190,7 +189,15 @@ pub async fn dead_letter<M: Message>(
             .or_else(|| correlation_id(message))
             .unwrap_or_default(),
     };
-    tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), code, reason, "record dead-lettered");
-    metrics::counter!("ledger_dead_letters_total", "consumer" => group.base_name(), "code" => code.to_owned()).increment(1);
+    tracing::warn!(
+        topic = message.topic(),
+        partition = message.partition(),
+        offset = message.offset(),
+        code,
+        reason,
+        "record dead-lettered"
+    );
+    metrics::counter!("ledger_dead_letters_total", "consumer" => group.base_name(), "code" => code.to_owned())
+        .increment(1);
     send_event(producer, config, Topic::DeadLetter, key.as_deref().unwrap_or(""), &event).await
 }

@@ -7,16 +7,18 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::TelemetryConfig;
 
+/// Sets up logs and metrics for the process: every `main` calls this first.
+pub fn init(config: &TelemetryConfig) -> PrometheusHandle {
+    init_tracing(config);
+    metrics_handle()
+}
+
 /// Installs the tracing subscriber. A second call (tests build several
 /// applications in one process) is a no-op.
 pub fn init_tracing(config: &TelemetryConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if config.log_format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let _ = if config.log_format == "json" { builder.json().try_init() } else { builder.try_init() };
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -1,0 +1,72 @@
+# The entry points of the delivery ledger. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+export PATH := $(or $(CARGO_HOME),$(HOME)/.cargo)/bin:$(PATH)
+
+DEMO ?= 300
+LEDGER := target/debug/ledger
+# Loads the addresses of the local broker and PostgreSQL (infra/env.sh).
+WITH_ENV := set -a; source <(infra/env.sh); set +a;
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: infra-up
+infra-up: ## Start the local broker (tansu, installed if missing) and PostgreSQL
+	infra/broker.sh up
+	infra/postgres.sh up
+
+.PHONY: infra-down
+infra-down: ## Stop the local broker and any private PostgreSQL cluster
+	infra/broker.sh down
+	infra/postgres.sh down
+
+.PHONY: infra-status
+infra-status: ## Say whether the broker and PostgreSQL answer
+	infra/broker.sh status; infra/postgres.sh status
+
+.PHONY: build
+build: ## Build the ledger binary
+	cargo build -p ledger
+
+.PHONY: setup
+setup: infra-up build ## Infra up, databases migrated, topics created
+	$(WITH_ENV) $(LEDGER) db migrate
+	$(WITH_ENV) $(LEDGER) topics create
+
+.PHONY: run
+run: setup ## Run every role on local defaults, submit a demo, serve until Ctrl-C
+	$(WITH_ENV) $(LEDGER) run all --demo $(DEMO)
+
+.PHONY: test
+test: infra-up compose-check ## Run the whole test suite against the local broker and PostgreSQL
+	infra/drop-test-databases.sh
+	@if cargo nextest --version >/dev/null 2>&1; then \
+	  $(WITH_ENV) cargo nextest run --workspace --no-fail-fast; \
+	else \
+	  $(WITH_ENV) cargo test --workspace --no-fail-fast; \
+	fi
+
+.PHONY: lint
+lint: ## rustfmt and clippy, warnings as errors
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+.PHONY: schemas
+schemas: ## Rewrite schemas/events/*.json from the Rust types (after a deliberate change)
+	UPDATE_SCHEMAS=1 cargo test -p ledger-schemas --test schema_files
+
+.PHONY: compose-check
+compose-check: ## Validate infra/compose.yaml (docker compose config; docker-compose from apt if needed)
+	@if docker compose version >/dev/null 2>&1; then \
+	  docker compose -f infra/compose.yaml config --quiet; \
+	else \
+	  command -v docker-compose >/dev/null 2>&1 || infra/apt-install.sh docker-compose; \
+	  docker-compose -f infra/compose.yaml config --quiet; \
+	fi
+	@echo "infra/compose.yaml is valid"
+
+.PHONY: summary
+summary: ## Print messages by status from the reporting read model
+	$(WITH_ENV) $(LEDGER) summary
