@@ -23,11 +23,12 @@ pub enum Status {
     Failed,
     RenderFailed,
     Suppressed,
+    Cancelled,
     DeadLettered,
 }
 
 impl Status {
-    pub const ALL: [Status; 9] = [
+    pub const ALL: [Status; 10] = [
         Status::Accepted,
         Status::Rendered,
         Status::Sending,
@@ -36,6 +37,7 @@ impl Status {
         Status::Failed,
         Status::RenderFailed,
         Status::Suppressed,
+        Status::Cancelled,
         Status::DeadLettered,
     ];
 
@@ -49,6 +51,7 @@ impl Status {
             Status::Failed => "failed",
             Status::RenderFailed => "render_failed",
             Status::Suppressed => "suppressed",
+            Status::Cancelled => "cancelled",
             Status::DeadLettered => "dead_lettered",
         }
     }
@@ -178,6 +181,7 @@ impl MessagePatch {
 #[derive(Debug, Clone, PartialEq)]
 pub struct IntentRow {
     pub intent_id: IntentId,
+    pub name: Option<String>,
     pub tenant_id: String,
     pub kind: String,
     pub channel: String,
@@ -207,6 +211,8 @@ pub struct Fold {
     pub messages: HashMap<MessageId, MessagePatch>,
     pub intents: HashMap<IntentId, IntentRow>,
     pub dead_letters: Vec<DeadLetterRow>,
+    /// Intents cancelled, with the time of the cancellation.
+    pub cancelled: HashMap<IntentId, DateTime<Utc>>,
 }
 
 impl Fold {
@@ -223,6 +229,7 @@ impl Fold {
             EventBody::IntentAccepted(a) => {
                 self.intents.entry(event.intent_id).or_insert_with(|| IntentRow {
                     intent_id: event.intent_id,
+                    name: a.name.clone(),
                     tenant_id: event.tenant_id.0.clone(),
                     kind: format!("{:?}", a.kind).to_lowercase(),
                     channel: a.channel.as_str().to_owned(),
@@ -231,6 +238,10 @@ impl Fold {
                     batch_count: a.batch_count as i32,
                     accepted_at: event.occurred_at,
                 });
+            }
+            EventBody::IntentCancelled(_) => {
+                let at = self.cancelled.entry(event.intent_id).or_insert(event.occurred_at);
+                *at = (*at).min(event.occurred_at);
             }
             EventBody::DeadLettered(d) => self.dead_letters.push(DeadLetterRow {
                 event_id: event.event_id.0,
@@ -248,7 +259,7 @@ impl Fold {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty() && self.intents.is_empty() && self.dead_letters.is_empty()
+        self.messages.is_empty() && self.intents.is_empty() && self.dead_letters.is_empty() && self.cancelled.is_empty()
     }
 }
 
@@ -327,12 +338,21 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             p.suppressed_at = at;
             p
         }
+        EventBody::MessageCancelled(c) => {
+            let mut p = patch(Status::Cancelled).with_error(0, "cancelled", "the intent was cancelled before delivery");
+            p.channel = Some(c.channel.as_str().to_owned());
+            p.recipient = Some(c.recipient.clone());
+            p.failed_at = at;
+            p
+        }
         EventBody::DeadLettered(d) => {
             let mut p = patch(Status::DeadLettered).with_error(0, &d.code, &d.reason);
             p.failed_at = at;
             p
         }
-        EventBody::IntentAccepted(_) | EventBody::RecipientBatch(_) => return Vec::new(),
+        EventBody::IntentAccepted(_) | EventBody::RecipientBatch(_) | EventBody::IntentCancelled(_) => {
+            return Vec::new()
+        }
     };
     vec![p]
 }
@@ -382,6 +402,7 @@ mod tests {
                     subject: None,
                     text: None,
                     html: None,
+                    json: None,
                 }),
             ),
             ev(

@@ -114,7 +114,6 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                 rows.iter().map($f).collect::<Vec<_>>()
             };
         }
-        let ts = |v: &[Option<DateTime<Utc>>]| v.to_vec();
         let result = sqlx::query(
             r#"-- projections::store::apply (messages)
             INSERT INTO messages (message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
@@ -165,12 +164,12 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         .bind(col!(|r| r.last_error_code.clone()))
         .bind(col!(|r| r.last_error.clone()))
         .bind(col!(|r| r.provider_message_id.clone()))
-        .bind(ts(&col!(|r| r.accepted_at)))
-        .bind(ts(&col!(|r| r.rendered_at)))
-        .bind(ts(&col!(|r| r.first_attempt_at)))
-        .bind(ts(&col!(|r| r.delivered_at)))
-        .bind(ts(&col!(|r| r.failed_at)))
-        .bind(ts(&col!(|r| r.suppressed_at)))
+        .bind(col!(|r| r.accepted_at))
+        .bind(col!(|r| r.rendered_at))
+        .bind(col!(|r| r.first_attempt_at))
+        .bind(col!(|r| r.delivered_at))
+        .bind(col!(|r| r.failed_at))
+        .bind(col!(|r| r.suppressed_at))
         .bind(col!(|r| r.updated_at))
         .execute(&mut *conn)
         .await?;
@@ -180,8 +179,9 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         let rows: Vec<_> = fold.intents.values().collect();
         let result = sqlx::query(
             "-- projections::store::apply (intents)
-             INSERT INTO intents (intent_id, tenant_id, kind, channel, priority, recipient_count, batch_count, accepted_at)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::timestamptz[])
+             INSERT INTO intents (intent_id, tenant_id, kind, channel, priority, recipient_count, batch_count, accepted_at, name)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::int[],
+                                  $8::timestamptz[], $9::text[])
              ON CONFLICT (intent_id) DO NOTHING",
         )
         .bind(rows.iter().map(|r| r.intent_id.0).collect::<Vec<Uuid>>())
@@ -192,9 +192,23 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         .bind(rows.iter().map(|r| r.recipient_count).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.batch_count).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.accepted_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.name.clone()).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
         applied.intents = result.rows_affected();
+    }
+    if !fold.cancelled.is_empty() {
+        let (ids, at): (Vec<Uuid>, Vec<DateTime<Utc>>) = fold.cancelled.iter().map(|(i, t)| (i.0, *t)).unzip();
+        sqlx::query(
+            "-- projections::store::apply (intent_cancellations)
+             INSERT INTO intent_cancellations (intent_id, cancelled_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[])
+             ON CONFLICT (intent_id) DO UPDATE SET cancelled_at = LEAST(intent_cancellations.cancelled_at, EXCLUDED.cancelled_at)",
+        )
+        .bind(&ids)
+        .bind(&at)
+        .execute(&mut *conn)
+        .await?;
     }
     if !fold.dead_letters.is_empty() {
         let rows = &fold.dead_letters;

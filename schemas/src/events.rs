@@ -44,6 +44,8 @@ pub enum EventBody {
     IntentAccepted(IntentAccepted),
     #[serde(rename = "intent.recipient_batch.v1")]
     RecipientBatch(RecipientBatch),
+    #[serde(rename = "intent.cancelled.v1")]
+    IntentCancelled(IntentCancelled),
     #[serde(rename = "message.rendered.v1")]
     MessageRendered(MessageRendered),
     #[serde(rename = "message.render_failed.v1")]
@@ -58,6 +60,8 @@ pub enum EventBody {
     DeliveryAmbiguous(DeliveryAmbiguous),
     #[serde(rename = "message.suppressed.v1")]
     Suppressed(Suppressed),
+    #[serde(rename = "message.cancelled.v1")]
+    MessageCancelled(MessageCancelled),
     #[serde(rename = "record.dead_lettered.v1")]
     DeadLettered(DeadLettered),
 }
@@ -67,6 +71,7 @@ pub enum EventBody {
 pub enum EventKind {
     IntentAccepted,
     RecipientBatch,
+    IntentCancelled,
     MessageRendered,
     RenderFailed,
     DeliveryAttempted,
@@ -74,13 +79,15 @@ pub enum EventKind {
     DeliveryFailed,
     DeliveryAmbiguous,
     Suppressed,
+    MessageCancelled,
     DeadLettered,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::IntentAccepted,
         EventKind::RecipientBatch,
+        EventKind::IntentCancelled,
         EventKind::MessageRendered,
         EventKind::RenderFailed,
         EventKind::DeliveryAttempted,
@@ -88,6 +95,7 @@ impl EventKind {
         EventKind::DeliveryFailed,
         EventKind::DeliveryAmbiguous,
         EventKind::Suppressed,
+        EventKind::MessageCancelled,
         EventKind::DeadLettered,
     ];
 
@@ -96,6 +104,7 @@ impl EventKind {
         match self {
             EventKind::IntentAccepted => "intent.accepted.v1",
             EventKind::RecipientBatch => "intent.recipient_batch.v1",
+            EventKind::IntentCancelled => "intent.cancelled.v1",
             EventKind::MessageRendered => "message.rendered.v1",
             EventKind::RenderFailed => "message.render_failed.v1",
             EventKind::DeliveryAttempted => "delivery.attempted.v1",
@@ -103,6 +112,7 @@ impl EventKind {
             EventKind::DeliveryFailed => "delivery.failed.v1",
             EventKind::DeliveryAmbiguous => "delivery.ambiguous.v1",
             EventKind::Suppressed => "message.suppressed.v1",
+            EventKind::MessageCancelled => "message.cancelled.v1",
             EventKind::DeadLettered => "record.dead_lettered.v1",
         }
     }
@@ -128,6 +138,7 @@ impl EventKind {
         match self {
             EventKind::IntentAccepted => of::<IntentAccepted>(self),
             EventKind::RecipientBatch => of::<RecipientBatch>(self),
+            EventKind::IntentCancelled => of::<IntentCancelled>(self),
             EventKind::MessageRendered => of::<MessageRendered>(self),
             EventKind::RenderFailed => of::<RenderFailed>(self),
             EventKind::DeliveryAttempted => of::<DeliveryAttempted>(self),
@@ -135,6 +146,7 @@ impl EventKind {
             EventKind::DeliveryFailed => of::<DeliveryFailed>(self),
             EventKind::DeliveryAmbiguous => of::<DeliveryAmbiguous>(self),
             EventKind::Suppressed => of::<Suppressed>(self),
+            EventKind::MessageCancelled => of::<MessageCancelled>(self),
             EventKind::DeadLettered => of::<DeadLettered>(self),
         }
     }
@@ -162,6 +174,7 @@ impl EventBody {
         match self {
             EventBody::IntentAccepted(_) => EventKind::IntentAccepted,
             EventBody::RecipientBatch(_) => EventKind::RecipientBatch,
+            EventBody::IntentCancelled(_) => EventKind::IntentCancelled,
             EventBody::MessageRendered(_) => EventKind::MessageRendered,
             EventBody::RenderFailed(_) => EventKind::RenderFailed,
             EventBody::DeliveryAttempted(_) => EventKind::DeliveryAttempted,
@@ -169,6 +182,7 @@ impl EventBody {
             EventBody::DeliveryFailed(_) => EventKind::DeliveryFailed,
             EventBody::DeliveryAmbiguous(_) => EventKind::DeliveryAmbiguous,
             EventBody::Suppressed(_) => EventKind::Suppressed,
+            EventBody::MessageCancelled(_) => EventKind::MessageCancelled,
             EventBody::DeadLettered(_) => EventKind::DeadLettered,
         }
     }
@@ -261,6 +275,10 @@ pub struct Content {
     pub text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html: Option<String>,
+    /// For webhook and push: a JSON document whose string values are
+    /// templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -279,6 +297,9 @@ pub struct Recipient {
 #[serde(deny_unknown_fields)]
 pub struct IntentAccepted {
     pub kind: IntentKind,
+    /// A campaign's name, for reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub channel: Channel,
     pub priority: Priority,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -322,6 +343,8 @@ pub struct MessageRendered {
     pub text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -390,6 +413,23 @@ pub struct Suppressed {
     pub channel: Channel,
     pub recipient: String,
     pub reason: SuppressionReason,
+}
+
+/// The tenant cancelled the intent: its messages not yet claimed for
+/// delivery are not delivered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IntentCancelled {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A message that was not delivered because its intent was cancelled first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MessageCancelled {
+    pub channel: Channel,
+    pub recipient: String,
 }
 
 /// A record a consumer could not process, with the reason; the pipeline

@@ -69,6 +69,15 @@ impl IntentId {
     }
 }
 
+impl IntentId {
+    /// The intent of item `index` of a batch submission whose own intent id
+    /// is `self`: each item is an independent intent, derived so that
+    /// replaying the batch yields the same ids.
+    pub fn item(self, index: u32) -> IntentId {
+        IntentId(Uuid::new_v5(&NS_INTENT, &[self.0.as_bytes().as_slice(), &index.to_be_bytes()].concat()))
+    }
+}
+
 impl MessageId {
     /// A message id derives from (intent id, recipient), so rendering an
     /// intent twice yields the same messages. The recipient is normalised

@@ -10,8 +10,8 @@ pub mod topics;
 
 pub use events::{
     Channel, Content, DeadLettered, DecodeError, Delivered, DeliveryAmbiguous, DeliveryAttempted, DeliveryFailed,
-    Event, EventBody, EventKind, IntentAccepted, IntentKind, MessageRendered, Priority, Recipient, RecipientBatch,
-    RenderFailed, Suppressed, SuppressionReason,
+    Event, EventBody, EventKind, IntentAccepted, IntentCancelled, IntentKind, MessageCancelled, MessageRendered,
+    Priority, Recipient, RecipientBatch, RenderFailed, Suppressed, SuppressionReason,
 };
 pub use ids::{EventId, IntentId, MessageId, TenantId};
 pub use topics::{ConsumerGroup, Topic};

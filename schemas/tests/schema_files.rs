@@ -67,12 +67,13 @@ fn sample(body: EventBody) -> Event {
 }
 
 fn samples() -> Vec<Event> {
-    let content = Content { subject: Some("Hi {{ name }}".into()), text: Some("t".into()), html: None };
+    let content = Content { subject: Some("Hi {{ name }}".into()), text: Some("t".into()), html: None, json: None };
     let mut vars = BTreeMap::new();
     vars.insert("name".to_owned(), Value::from("Ann"));
     vec![
         sample(EventBody::IntentAccepted(IntentAccepted {
             kind: IntentKind::Single,
+            name: None,
             channel: Channel::Email,
             priority: Priority::Bulk,
             from: Some("a@b.c".into()),
@@ -99,7 +100,10 @@ fn samples() -> Vec<Event> {
             subject: Some("s".into()),
             text: Some("t".into()),
             html: Some("<p>h</p>".into()),
+            json: None,
         })),
+        sample(EventBody::IntentCancelled(IntentCancelled { reason: Some("mistake".into()) })),
+        sample(EventBody::MessageCancelled(MessageCancelled { channel: Channel::Email, recipient: "x@y.z".into() })),
         sample(EventBody::RenderFailed(RenderFailed {
             channel: Channel::Email,
             recipient: "x@y.z".into(),

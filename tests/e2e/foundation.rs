@@ -181,7 +181,7 @@ async fn bad_requests_are_refused_with_problem_json_and_produce_nothing() {
         .expect("request");
     assert_eq!(unauthorised.status(), 401);
     let mut huge = email("ann@example.com");
-    huge["content"]["text"] = Value::String("x".repeat(2 << 20));
+    huge["content"]["text"] = Value::String("x".repeat(5 << 20));
     assert_eq!(app.post("/v1/messages", Some("b6"), &huge).await.status, 413);
     let not_json = app
         .http()
@@ -228,6 +228,7 @@ async fn a_202_means_the_broker_has_the_intent_and_no_ack_means_no_202() {
         .await
         .expect("request");
     assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
     let problem: Value = response.json().await.expect("json");
     assert_eq!(problem["type"], "urn:delivery-ledger:problem:broker-unavailable");
 

@@ -2,4 +2,5 @@
 //! against the real broker and the real PostgreSQL.
 
 mod foundation;
+mod ingest;
 mod projection;

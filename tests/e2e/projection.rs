@@ -45,6 +45,7 @@ fn events() -> Vec<Event> {
                 subject: None,
                 text: None,
                 html: None,
+                json: None,
             }),
         ),
         ev(

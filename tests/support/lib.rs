@@ -86,6 +86,11 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(config: Config) -> TestApp {
+    spawn_roles(config, true).await
+}
+
+/// The ingest API alone (`pipeline == false`), or with every other role.
+pub async fn spawn_roles(config: Config, pipeline: bool) -> TestApp {
     ledger_runtime::telemetry::init(&config.telemetry);
     prepare(&config).await.expect("topics and databases");
     let ops = ledger_runtime::db::pool(&config.ops_database_url, 4).await.expect("ops pool");
@@ -99,15 +104,17 @@ pub async fn spawn_app_with(config: Config) -> TestApp {
     let api = ingest.local_addr();
     let s = shutdown.clone();
     tasks.spawn(async move { ingest.run(s).await.map_err(anyhow::Error::from) });
-    let renderer = ledger_renderer::build(&config).expect("renderer");
-    let s = shutdown.clone();
-    tasks.spawn(async move { renderer.run(s).await.map_err(anyhow::Error::from) });
-    let dispatcher = ledger_dispatcher::build(&config).await.expect("dispatcher");
-    let s = shutdown.clone();
-    tasks.spawn(async move { dispatcher.run(s).await.map_err(anyhow::Error::from) });
-    let projector = ledger_projector::build(&config).await.expect("projector");
-    let s = shutdown.clone();
-    tasks.spawn(async move { projector.run(s).await.map_err(anyhow::Error::from) });
+    if pipeline {
+        let renderer = ledger_renderer::build(&config).expect("renderer");
+        let s = shutdown.clone();
+        tasks.spawn(async move { renderer.run(s).await.map_err(anyhow::Error::from) });
+        let dispatcher = ledger_dispatcher::build(&config).await.expect("dispatcher");
+        let s = shutdown.clone();
+        tasks.spawn(async move { dispatcher.run(s).await.map_err(anyhow::Error::from) });
+        let projector = ledger_projector::build(&config).await.expect("projector");
+        let s = shutdown.clone();
+        tasks.spawn(async move { projector.run(s).await.map_err(anyhow::Error::from) });
+    }
 
     TestApp { config, api, tenant, api_key, ops, reporting, shutdown, tasks, http: reqwest::Client::new() }
 }
@@ -135,6 +142,63 @@ impl TestApp {
         let headers = response.headers().clone();
         let body = response.json().await.unwrap_or(Value::Null);
         Reply { status, headers, body }
+    }
+
+    /// GETs `path` with `key` as the API key.
+    pub async fn get_as(&self, key: &str, path: &str) -> Reply {
+        let response = self.http.get(self.url(path)).bearer_auth(key).send().await.expect("request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Reply { status, headers, body }
+    }
+
+    /// A second tenant and its API key.
+    pub async fn other_tenant(&self, name: &str) -> String {
+        ledger_ingest::tenants::create(&self.ops, name).await.expect("tenant")
+    }
+
+    /// Messages of `intent_id` in the read model by status.
+    pub async fn statuses(&self, intent_id: &str) -> std::collections::BTreeMap<String, i64> {
+        let id = uuid::Uuid::parse_str(intent_id).expect("uuid");
+        sqlx::query_as::<_, (String, i64)>(
+            "-- tests::statuses
+             SELECT status, count(*) FROM messages WHERE intent_id = $1 GROUP BY status",
+        )
+        .bind(id)
+        .fetch_all(&self.reporting)
+        .await
+        .expect("query")
+        .into_iter()
+        .collect()
+    }
+
+    /// Waits until `n` messages of the intent are terminal; returns the counts.
+    pub async fn wait_terminal(
+        &self,
+        intent_id: &str,
+        n: i64,
+        timeout: Duration,
+    ) -> std::collections::BTreeMap<String, i64> {
+        let id = uuid::Uuid::parse_str(intent_id).expect("uuid");
+        eventually(&format!("{n} terminal messages of {intent_id}"), timeout, || async move {
+            let terminal: i64 = sqlx::query_scalar(
+                "-- tests::wait_terminal
+                 SELECT count(*) FROM messages WHERE intent_id = $1 AND status_rank = 50",
+            )
+            .bind(id)
+            .fetch_one(&self.reporting)
+            .await
+            .expect("query");
+            (terminal >= n).then_some(())
+        })
+        .await;
+        self.statuses(intent_id).await
+    }
+
+    /// How many deliveries the sink received in all.
+    pub fn sink_total(&self) -> usize {
+        ledger_dispatcher::sink::read_deliveries(&self.config.sink.dir).expect("sink log").len()
     }
 
     pub fn http(&self) -> &reqwest::Client {

@@ -25,7 +25,7 @@ use futures::StreamExt;
 use ledger_runtime::{kafka, Config, Mode, RuntimeError, Shutdown};
 use ledger_schemas::{
     ConsumerGroup, Delivered, DeliveryAmbiguous, DeliveryAttempted, DeliveryFailed, Event, EventBody, EventId,
-    MessageId, MessageRendered, Suppressed, SuppressionReason, Topic,
+    MessageCancelled, MessageId, MessageRendered, Suppressed, SuppressionReason, Topic,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
@@ -80,6 +80,10 @@ pub fn sandbox_allows(allow: &[String], recipient: &str) -> bool {
     let r = recipient.trim().to_lowercase();
     allow.iter().any(|a| {
         let a = a.trim().to_lowercase();
+        if a.starts_with("http://") || a.starts_with("https://") {
+            // Webhook and push endpoints: allowed by URL prefix.
+            return r.starts_with(&a);
+        }
         match a.strip_prefix('@') {
             Some(domain) => r.rsplit_once('@').is_some_and(|(_, d)| d == domain),
             None => r == a,
@@ -229,7 +233,8 @@ impl Dispatcher {
             let claimed: Option<i32> = sqlx::query_scalar(
                 "-- dispatcher::deliver (claim)
                  INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until)
-                 VALUES ($1, $2, 'claimed', 1, $3, now() + make_interval(secs => $4))
+                 SELECT $1, $2, 'claimed', 1, $3, now() + make_interval(secs => $4)
+                 WHERE NOT EXISTS (SELECT 1 FROM cancelled_intents WHERE intent_id = $5)
                  ON CONFLICT (message_id) DO UPDATE
                  SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until, updated_at = now()
                  WHERE delivery_claims.state = 'claimed'
@@ -239,6 +244,7 @@ impl Dispatcher {
             .bind(&tenant)
             .bind(&self.instance)
             .bind(lease as f64)
+            .bind(event.intent_id.0)
             .fetch_optional(&self.ops)
             .await?;
             match claimed {
@@ -249,13 +255,18 @@ impl Dispatcher {
                     // Lost the claim to another instance, or retrying: look again.
                 }
                 None => {
-                    let (state, outcome, live): (String, Option<serde_json::Value>, bool) = sqlx::query_as(
+                    let existing: Option<(String, Option<serde_json::Value>, bool)> = sqlx::query_as(
                         "-- dispatcher::deliver (existing claim)
                          SELECT state, outcome, lease_until > now() FROM delivery_claims WHERE message_id = $1",
                     )
                     .bind(id.0)
-                    .fetch_one(&self.ops)
+                    .fetch_optional(&self.ops)
                     .await?;
+                    let Some((state, outcome, live)) = existing else {
+                        // No claim and none taken: the intent was cancelled.
+                        self.record_cancelled(&event, message, id).await?;
+                        continue;
+                    };
                     match (state.as_str(), outcome) {
                         ("done" | "ambiguous", Some(recorded)) => {
                             // Already decided: make sure the log has it too.
@@ -399,6 +410,43 @@ impl Dispatcher {
         let backoff = self.config.dispatcher.retry_backoff_ms.saturating_mul(1 << (attempt - 1).min(10));
         tokio::time::sleep(Duration::from_millis(backoff)).await;
         Ok(false)
+    }
+
+    /// Records, in a claim of its own, that the message is not delivered
+    /// because its intent was cancelled; the claim loop then publishes it.
+    async fn record_cancelled(
+        &self,
+        event: &Event,
+        message: &MessageRendered,
+        id: MessageId,
+    ) -> Result<(), DispatchError> {
+        let cancelled = self.outcome(
+            event,
+            id,
+            "cancelled",
+            0,
+            EventBody::MessageCancelled(MessageCancelled {
+                channel: message.channel,
+                recipient: message.recipient.clone(),
+            }),
+        );
+        let inserted = sqlx::query(
+            "-- dispatcher::record_cancelled
+             INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until, outcome)
+             VALUES ($1, $2, 'done', 0, $3, now(), $4)
+             ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(id.0)
+        .bind(&event.tenant_id.0)
+        .bind(&self.instance)
+        .bind(serde_json::to_value(&cancelled).unwrap_or_default())
+        .execute(&self.ops)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            metrics::counter!("ledger_deliveries_total", "tenant" => event.tenant_id.0.clone(), "outcome" => "cancelled")
+                .increment(1);
+        }
+        Ok(())
     }
 
     async fn declare_ambiguous(&self, event: &Event, id: MessageId) -> Result<(), DispatchError> {

@@ -24,12 +24,14 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
-    #[error("the body must be application/json")]
-    UnsupportedMediaType,
+    #[error("the body must be {0}")]
+    UnsupportedMediaType(&'static str),
+    #[error("no such resource for this tenant")]
+    NotFound,
     #[error("this Idempotency-Key was used with a different request body")]
     IdempotencyConflict,
-    #[error("the broker did not acknowledge the intent; nothing was accepted, retry with the same Idempotency-Key")]
-    BrokerUnavailable(String),
+    #[error("the broker did not acknowledge the intent, so it is not accepted; retry with the same Idempotency-Key")]
+    BrokerUnavailable { detail: String, retry_after_secs: u32 },
     #[error("internal error")]
     Internal(String),
 }
@@ -44,11 +46,12 @@ impl ApiError {
             ApiError::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid-body", "Malformed request body"),
             ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation", "Invalid request"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Request body too large"),
-            ApiError::UnsupportedMediaType => {
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type")
             }
             ApiError::IdempotencyConflict => (StatusCode::CONFLICT, "idempotency-conflict", "Idempotency-Key reused"),
-            ApiError::BrokerUnavailable(_) => {
+            ApiError::BrokerUnavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable", "Intent not accepted")
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
@@ -81,7 +84,7 @@ impl IntoResponse for ApiError {
         let (status, code, title) = self.parts();
         match &self {
             ApiError::Internal(detail) => tracing::error!(%detail, "request failed"),
-            ApiError::BrokerUnavailable(detail) => tracing::warn!(%detail, "intent not acknowledged"),
+            ApiError::BrokerUnavailable { detail, .. } => tracing::warn!(%detail, "intent not acknowledged"),
             _ => {}
         }
         let errors: &[FieldError] = match &self {
@@ -101,6 +104,9 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let ApiError::BrokerUnavailable { retry_after_secs, .. } = &self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
         response
     }
 }

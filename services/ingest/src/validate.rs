@@ -4,48 +4,140 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use ledger_schemas::{Channel, Content, Priority};
+use ledger_schemas::{Channel, Content, Priority, Recipient};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::problem::{ApiError, FieldError};
 
 pub const MAX_SUBJECT_BYTES: usize = 998;
-pub const MAX_PART_BYTES: usize = 512 * 1024;
+pub const MAX_PART_BYTES: usize = 256 * 1024;
 pub const MAX_VARIABLES_BYTES: usize = 16 * 1024;
+pub const MAX_NAME_BYTES: usize = 200;
+/// Field errors reported for one request; past this, the count is given.
+pub const MAX_REPORTED_ERRORS: usize = 50;
 
 /// `POST /v1/messages`: one message to one recipient.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct SendMessage {
+pub struct MessageRequest {
+    /// `email` (default), `webhook` or `push`.
     #[serde(default = "default_channel")]
     pub channel: Channel,
+    /// Sender address (email).
     #[serde(default)]
     pub from: Option<String>,
+    /// Email address, or the endpoint URL for webhook and push.
     pub to: String,
+    /// Template variables of this recipient.
     #[serde(default)]
     pub variables: BTreeMap<String, Value>,
     pub content: Content,
     #[serde(default)]
     pub priority: Priority,
+    /// Deliver no earlier than this (RFC 3339), at most 30 days ahead.
     #[serde(default)]
     pub send_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/messages/batch`: independent messages, each with its own result.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub messages: Vec<MessageRequest>,
+}
+
+/// What a campaign says once for all its recipients. In the NDJSON form this
+/// is the first line, and every further line is one `Recipient`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignHeader {
+    /// A name for reports.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "default_channel")]
+    pub channel: Channel,
+    #[serde(default)]
+    pub from: Option<String>,
+    pub content: Content,
+    /// Campaigns default to bulk.
+    #[serde(default = "bulk")]
+    pub priority: Priority,
+    #[serde(default)]
+    pub send_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/campaigns` as one JSON document.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "default_channel")]
+    pub channel: Channel,
+    #[serde(default)]
+    pub from: Option<String>,
+    pub content: Content,
+    #[serde(default = "bulk")]
+    pub priority: Priority,
+    #[serde(default)]
+    pub send_at: Option<DateTime<Utc>>,
+    pub recipients: Vec<Recipient>,
+}
+
+impl CampaignRequest {
+    /// The header and the recipients, as in the NDJSON form.
+    pub fn split(self) -> (CampaignHeader, Vec<Recipient>) {
+        let header = CampaignHeader {
+            name: self.name,
+            channel: self.channel,
+            from: self.from,
+            content: self.content,
+            priority: self.priority,
+            send_at: self.send_at,
+        };
+        (header, self.recipients)
+    }
+}
+
+/// `POST /v1/campaigns/{id}/cancel`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 fn default_channel() -> Channel {
     Channel::Email
 }
 
-/// Parses a JSON body, reporting the path of the first offending field.
+fn bulk() -> Priority {
+    Priority::Bulk
+}
+
+/// Parses a JSON body, reporting the path of the offending field.
 pub fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    parse_at(bytes, "").map_err(|e| ApiError::InvalidBody(vec![e]))
+}
+
+/// Parses one JSON value; the error's field path starts with `prefix`.
+pub fn parse_at<T: serde::de::DeserializeOwned>(bytes: &[u8], prefix: &str) -> Result<T, FieldError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::InvalidBody(vec![FieldError {
-            field: if path == "." { String::new() } else { path },
-            detail: e.inner().to_string(),
-        }])
+        let path = if path == "." { String::new() } else { path };
+        FieldError { field: join(prefix, &path), detail: e.inner().to_string() }
     })
+}
+
+pub fn join(prefix: &str, field: &str) -> String {
+    match (prefix.is_empty(), field.is_empty()) {
+        (true, _) => field.to_owned(),
+        (false, true) => prefix.to_owned(),
+        (false, false) => format!("{prefix}.{field}"),
+    }
 }
 
 /// A pragmatic address check: what providers accept, not all of RFC 5322.
@@ -77,53 +169,168 @@ pub fn email_problem(address: &str) -> Option<&'static str> {
     None
 }
 
-impl SendMessage {
+/// Webhook and push recipients are endpoint URLs.
+pub fn url_problem(url: &str) -> Option<&'static str> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    match rest {
+        None => Some("must be an http(s) URL"),
+        Some(_) if url.len() > 2048 => Some("longer than 2048 characters"),
+        Some(r) if r.is_empty() || r.starts_with('/') => Some("has no host"),
+        Some(_) if url.chars().any(|c| c.is_whitespace() || c.is_control()) => Some("contains whitespace"),
+        _ => None,
+    }
+}
+
+pub struct Errors {
+    pub list: Vec<FieldError>,
+    pub total: usize,
+}
+
+impl Errors {
+    pub fn new() -> Self {
+        Errors { list: Vec::new(), total: 0 }
+    }
+
+    pub fn add(&mut self, field: String, detail: String) {
+        self.total += 1;
+        if self.list.len() < MAX_REPORTED_ERRORS {
+            self.list.push(FieldError { field, detail });
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    pub fn into_result(mut self) -> Result<(), ApiError> {
+        if self.total == 0 {
+            return Ok(());
+        }
+        if self.total > self.list.len() {
+            let more = self.total - self.list.len();
+            self.list.push(FieldError { field: String::new(), detail: format!("and {more} more errors") });
+        }
+        Err(ApiError::Validation(self.list))
+    }
+}
+
+impl Default for Errors {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn check_recipient(
+    errors: &mut Errors,
+    at: &str,
+    channel: Channel,
+    address: &str,
+    variables: &BTreeMap<String, Value>,
+) {
+    let problem = match channel {
+        Channel::Email => email_problem(address).map(|p| format!("not a valid email address: {p}")),
+        Channel::Webhook | Channel::Push => url_problem(address).map(|p| format!("not a valid endpoint: {p}")),
+    };
+    if let Some(p) = problem {
+        errors.add(join(at, "address"), p);
+    }
+    if !variables.is_empty() {
+        let size = serde_json::to_vec(variables).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > MAX_VARIABLES_BYTES {
+            errors.add(join(at, "variables"), format!("{size} bytes, more than {MAX_VARIABLES_BYTES}"));
+        }
+    }
+}
+
+pub fn check_common(
+    errors: &mut Errors,
+    at: &str,
+    channel: Channel,
+    from: Option<&str>,
+    content: &Content,
+    send_at: Option<DateTime<Utc>>,
+) {
+    if let Some(from) = from {
+        if let Some(p) = email_problem(from) {
+            errors.add(join(at, "from"), format!("not a valid email address: {p}"));
+        }
+    }
+    let text = content.text.as_deref().unwrap_or("");
+    let html = content.html.as_deref().unwrap_or("");
+    match channel {
+        Channel::Email => {
+            match &content.subject {
+                None => errors.add(join(at, "content.subject"), "an email needs a subject".into()),
+                Some(s) if s.trim().is_empty() => {
+                    errors.add(join(at, "content.subject"), "the subject is empty".into())
+                }
+                Some(s) if s.len() > MAX_SUBJECT_BYTES => {
+                    errors.add(join(at, "content.subject"), format!("longer than {MAX_SUBJECT_BYTES} bytes"))
+                }
+                Some(s) if s.contains(['\r', '\n']) => {
+                    errors.add(join(at, "content.subject"), "contains a line break".into())
+                }
+                _ => {}
+            }
+            if text.trim().is_empty() && html.trim().is_empty() {
+                errors.add(join(at, "content"), "give a text part, an html part or both".into());
+            }
+            if content.json.is_some() {
+                errors.add(join(at, "content.json"), "json content is for webhook and push".into());
+            }
+        }
+        Channel::Webhook | Channel::Push => {
+            if content.json.is_none() && text.trim().is_empty() {
+                errors.add(join(at, "content"), "give json (or text) content".into());
+            }
+        }
+    }
+    for (field, part) in [("content.text", text), ("content.html", html)] {
+        if part.len() > MAX_PART_BYTES {
+            errors.add(join(at, field), format!("longer than {MAX_PART_BYTES} bytes"));
+        }
+    }
+    if let Some(json) = &content.json {
+        if serde_json::to_vec(json).map(|v| v.len()).unwrap_or(usize::MAX) > MAX_PART_BYTES {
+            errors.add(join(at, "content.json"), format!("larger than {MAX_PART_BYTES} bytes"));
+        }
+    }
+    if let Some(at_time) = send_at {
+        let now = Utc::now();
+        if at_time > now + chrono::Duration::days(30) {
+            errors.add(join(at, "send_at"), "more than 30 days ahead".into());
+        } else if at_time < now - chrono::Duration::days(1) {
+            errors.add(join(at, "send_at"), "more than a day in the past".into());
+        }
+    }
+}
+
+impl MessageRequest {
+    pub fn check(&self, errors: &mut Errors, at: &str) {
+        check_common(errors, at, self.channel, self.from.as_deref(), &self.content, self.send_at);
+        let mut inner = Errors::new();
+        check_recipient(&mut inner, "", self.channel, &self.to, &self.variables);
+        // A single message names its recipient `to`, not `address`.
+        for e in inner.list {
+            let field = if e.field == "address" { join(at, "to") } else { join(at, &e.field) };
+            errors.add(field, e.detail);
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ApiError> {
-        let mut errors = Vec::new();
-        let mut err = |field: &str, detail: String| errors.push(FieldError { field: field.into(), detail });
-        if self.channel != Channel::Email {
-            err("channel", format!("channel {} is not available yet; use email", self.channel.as_str()));
-        }
-        if let Some(p) = email_problem(&self.to) {
-            err("to", format!("not a valid email address: {p}"));
-        }
-        if let Some(from) = &self.from {
-            if let Some(p) = email_problem(from) {
-                err("from", format!("not a valid email address: {p}"));
+        let mut errors = Errors::new();
+        self.check(&mut errors, "");
+        errors.into_result()
+    }
+}
+
+impl CampaignHeader {
+    pub fn check(&self, errors: &mut Errors) {
+        check_common(errors, "", self.channel, self.from.as_deref(), &self.content, self.send_at);
+        if let Some(name) = &self.name {
+            if name.len() > MAX_NAME_BYTES {
+                errors.add("name".into(), format!("longer than {MAX_NAME_BYTES} bytes"));
             }
-        }
-        match &self.content.subject {
-            None => err("content.subject", "an email needs a subject".into()),
-            Some(s) if s.trim().is_empty() => err("content.subject", "the subject is empty".into()),
-            Some(s) if s.len() > MAX_SUBJECT_BYTES => {
-                err("content.subject", format!("longer than {MAX_SUBJECT_BYTES} bytes"))
-            }
-            Some(s) if s.contains(['\r', '\n']) => err("content.subject", "contains a line break".into()),
-            _ => {}
-        }
-        let text = self.content.text.as_deref().unwrap_or("");
-        let html = self.content.html.as_deref().unwrap_or("");
-        if text.trim().is_empty() && html.trim().is_empty() {
-            err("content", "give a text part, an html part or both".into());
-        }
-        for (field, part) in [("content.text", text), ("content.html", html)] {
-            if part.len() > MAX_PART_BYTES {
-                err(field, format!("longer than {MAX_PART_BYTES} bytes"));
-            }
-        }
-        let vars_len = serde_json::to_vec(&self.variables).map(|v| v.len()).unwrap_or(0);
-        if vars_len > MAX_VARIABLES_BYTES {
-            err("variables", format!("larger than {MAX_VARIABLES_BYTES} bytes"));
-        }
-        if let Some(at) = self.send_at {
-            if at > Utc::now() + chrono::Duration::days(30) {
-                err("send_at", "more than 30 days ahead".into());
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::Validation(errors))
         }
     }
 }
@@ -141,11 +348,34 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_must_be_http_urls() {
+        assert_eq!(url_problem("https://hooks.example.com/x"), None);
+        for bad in ["ftp://x", "https://", "hooks.example.com", "https:// x"] {
+            assert!(url_problem(bad).is_some(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn unknown_fields_are_refused_with_their_path() {
-        let err = parse::<SendMessage>(br#"{"to":"a@example.com","content":{"subject":"s","text":"t","bcc":1}}"#)
+        let err = parse::<MessageRequest>(br#"{"to":"a@example.com","content":{"subject":"s","text":"t","bcc":1}}"#)
             .unwrap_err();
         match err {
             ApiError::InvalidBody(e) => assert_eq!(e[0].field, "content.bcc"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn too_many_errors_are_counted_not_listed() {
+        let mut e = Errors::new();
+        for i in 0..(MAX_REPORTED_ERRORS + 7) {
+            e.add(format!("recipients[{i}].address"), "bad".into());
+        }
+        match e.into_result() {
+            Err(ApiError::Validation(list)) => {
+                assert_eq!(list.len(), MAX_REPORTED_ERRORS + 1);
+                assert_eq!(list.last().unwrap().detail, "and 7 more errors");
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -29,6 +29,26 @@ impl From<minijinja::Error> for RenderFailure {
 pub struct Templates {
     env: Environment<'static>,
     has: [bool; 3],
+    json: Option<Value>,
+}
+
+/// Renders every string inside `value` as a template (no HTML escaping:
+/// the result is JSON, escaped by its serialiser).
+fn render_json(
+    env: &Environment<'static>,
+    value: &Value,
+    ctx: &BTreeMap<String, Value>,
+) -> Result<Value, RenderFailure> {
+    Ok(match value {
+        Value::String(s) if s.contains("{{") || s.contains("{%") => Value::String(env.render_str(s, ctx)?),
+        Value::Array(items) => Value::Array(items.iter().map(|v| render_json(env, v, ctx)).collect::<Result<_, _>>()?),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), render_json(env, v, ctx)?)))
+                .collect::<Result<_, RenderFailure>>()?,
+        ),
+        other => other.clone(),
+    })
 }
 
 const PARTS: [&str; 3] = ["subject.txt", "text.txt", "body.html"];
@@ -46,7 +66,7 @@ impl Templates {
                 has[i] = true;
             }
         }
-        Ok(Templates { env, has })
+        Ok(Templates { env, has, json: content.json.clone() })
     }
 
     pub fn render(
@@ -71,6 +91,7 @@ impl Templates {
             subject: part(0)?.map(|s| s.trim().to_owned()),
             text: part(1)?,
             html: part(2)?,
+            json: self.json.as_ref().map(|v| render_json(&self.env, v, &ctx)).transpose()?,
         })
     }
 }
@@ -99,6 +120,7 @@ mod tests {
             subject: Some("Hi {{ name }}".into()),
             text: Some("Hello {{ name }}".into()),
             html: Some("<p>{{ name }}</p>".into()),
+            json: None,
         };
         let t = Templates::compile(&content).unwrap();
         let mut vars = BTreeMap::new();
@@ -111,15 +133,28 @@ mod tests {
 
     #[test]
     fn a_missing_variable_is_a_render_failure_not_an_empty_string() {
-        let content = Content { subject: Some("Hi {{ name }}".into()), text: Some("x".into()), html: None };
+        let content = Content { subject: Some("Hi {{ name }}".into()), text: Some("x".into()), html: None, json: None };
         let t = Templates::compile(&content).unwrap();
         let err = t.render(&batch(content), "a@x.io", &BTreeMap::new()).unwrap_err();
         assert_eq!(err.code, "undefined_variable");
     }
 
     #[test]
+    fn json_content_renders_its_string_leaves() {
+        let content = Content {
+            json: Some(serde_json::json!({"event": "order.{{ state }}", "n": 3, "tags": ["{{ state }}", "x"]})),
+            ..Content::default()
+        };
+        let t = Templates::compile(&content).unwrap();
+        let mut vars = BTreeMap::new();
+        vars.insert("state".into(), Value::from("shipped"));
+        let r = t.render(&batch(content), "https://hooks.example.com/x", &vars).unwrap();
+        assert_eq!(r.json, Some(serde_json::json!({"event": "order.shipped", "n": 3, "tags": ["shipped", "x"]})));
+    }
+
+    #[test]
     fn a_syntax_error_is_reported_as_such() {
-        let content = Content { subject: Some("Hi {{ name".into()), text: None, html: None };
+        let content = Content { subject: Some("Hi {{ name".into()), text: None, html: None, json: None };
         assert_eq!(Templates::compile(&content).err().unwrap().code, "template_syntax");
     }
 }

@@ -60,6 +60,22 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// How long an idempotency key is remembered, in hours.
     pub idempotency_ttl_hours: u32,
+    /// Messages in one `POST /v1/messages/batch`.
+    pub max_batch_messages: usize,
+    /// Recipients in one campaign.
+    pub max_campaign_recipients: usize,
+    /// Largest JSON campaign body (held in memory); NDJSON campaigns stream
+    /// to a spool file instead and are bounded by recipients only.
+    pub max_campaign_json_bytes: usize,
+    /// Recipients per recipient-batch event...
+    pub batch_max_recipients: usize,
+    /// ...and the most bytes of recipients in one, so that a record stays
+    /// well under the broker's 1 MiB default.
+    pub batch_max_bytes: usize,
+    /// Where NDJSON campaigns are spooled while they are validated.
+    pub spool_dir: Option<PathBuf>,
+    /// `Retry-After` on a 503, in seconds.
+    pub retry_after_secs: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,8 +159,15 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_body_bytes: 1 << 20,
+            max_body_bytes: 4 << 20,
             idempotency_ttl_hours: 24,
+            max_batch_messages: 1_000,
+            max_campaign_recipients: 1_000_000,
+            max_campaign_json_bytes: 32 << 20,
+            batch_max_recipients: 1_000,
+            batch_max_bytes: 256 << 10,
+            spool_dir: None,
+            retry_after_secs: 5,
         }
     }
 }
@@ -152,7 +175,7 @@ impl Default for HttpConfig {
 impl Default for SandboxConfig {
     fn default() -> Self {
         // example.com is reserved (RFC 2606): nobody real receives it.
-        SandboxConfig { allow: vec!["@example.com".into()] }
+        SandboxConfig { allow: vec!["@example.com".into(), "https://example.com/".into(), "http://127.0.0.1:".into()] }
     }
 }
 
@@ -224,6 +247,12 @@ impl Config {
         if self.ops_database_url == self.reporting_database_url {
             return bad("ops_database_url and reporting_database_url must name different databases".into());
         }
+        if self.http.idempotency_ttl_hours < 24 {
+            return bad("http.idempotency_ttl_hours must be at least 24".into());
+        }
+        if self.http.batch_max_recipients == 0 || self.http.batch_max_bytes < 4096 {
+            return bad("http.batch_max_recipients must be at least 1 and http.batch_max_bytes at least 4096".into());
+        }
         if self.projector.batch_size == 0 || self.dispatcher.concurrency == 0 {
             return bad("projector.batch_size and dispatcher.concurrency must be at least 1".into());
         }
@@ -237,8 +266,8 @@ impl Config {
             return bad("dispatcher.max_attempts must be at least 1".into());
         }
         for a in &self.sandbox.allow {
-            if !a.contains('@') {
-                return bad(format!("sandbox.allow entry {a:?} is neither an address nor @domain"));
+            if !a.contains('@') && !a.starts_with("http://") && !a.starts_with("https://") {
+                return bad(format!("sandbox.allow entry {a:?} is neither an address, @domain nor a URL prefix"));
             }
         }
         Ok(())

@@ -121,9 +121,32 @@ pub async fn send_event(
     key: &str,
     event: &Event,
 ) -> Result<(), KafkaError> {
+    send_encoded(producer, config, topic, key, Encoded::from(event)).await
+}
+
+/// An event already serialised, so that large events need not be kept as
+/// structures while their records wait for acknowledgement.
+pub struct Encoded {
+    pub payload: Vec<u8>,
+    pub headers: OwnedHeaders,
+}
+
+impl From<&Event> for Encoded {
+    fn from(event: &Event) -> Self {
+        Encoded { payload: event.to_json(), headers: headers_for(event) }
+    }
+}
+
+pub async fn send_encoded(
+    producer: &FutureProducer,
+    config: &Config,
+    topic: Topic,
+    key: &str,
+    encoded: Encoded,
+) -> Result<(), KafkaError> {
     let name = config.topic(topic);
-    let payload = event.to_json();
-    let record = FutureRecord::to(&name).key(key).payload(&payload).headers(headers_for(event));
+    let Encoded { payload, headers } = encoded;
+    let record = FutureRecord::to(&name).key(key).payload(&payload).headers(headers);
     let started = std::time::Instant::now();
     let result = producer
         .send(record, Duration::from_millis(config.kafka.produce_timeout_ms))
