@@ -70,3 +70,7 @@ compose-check: ## Validate infra/compose.yaml (docker compose config; docker-com
 .PHONY: summary
 summary: ## Print messages by status from the reporting read model
 	$(WITH_ENV) $(LEDGER) summary
+
+.PHONY: bench-ingest
+bench-ingest: infra-up ## Ingest throughput and latency per form, as ratios to raw produce (release build)
+	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-ingest

@@ -229,14 +229,14 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
         Some(BodyKind::Ndjson) => check_ndjson(state, body).await?,
         None => return Err(ApiError::UnsupportedMediaType("application/json or application/x-ndjson")),
     };
-    let intent = match submit::claim_key(state, &tenant, &key, &checked.hash).await? {
-        Claim::Replay(response) => {
-            let location = response["intent_id"].as_str().map(|id| format!("/v1/intents/{id}"));
-            return Ok(accepted(response, location.as_deref(), true, &correlation));
-        }
-        Claim::Produce(intent) => intent,
-    };
-    submit::record_owner(state, &tenant, &key, IntentKind::Campaign, &[intent]).await?;
+    let intent =
+        match submit::claim_key(state, &tenant, &key, &checked.hash, IntentKind::Campaign, &|i| vec![i]).await? {
+            Claim::Replay(response) => {
+                let location = response["intent_id"].as_str().map(|id| format!("/v1/intents/{id}"));
+                return Ok(accepted(response, location.as_deref(), true, &correlation));
+            }
+            Claim::Produce(intent) => intent,
+        };
     let Checked { header, recipients, count, duplicates, batches, hash } = checked;
     let spec = IntentSpec {
         intent,

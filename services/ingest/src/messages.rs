@@ -53,14 +53,13 @@ async fn single(state: &AppState, request: Request) -> Result<Response, ApiError
     message.validate()?;
     let hash = canonical_hash(&bytes)?;
 
-    let intent = match submit::claim_key(state, &tenant, &key, &hash).await? {
+    let intent = match submit::claim_key(state, &tenant, &key, &hash, IntentKind::Single, &|i| vec![i]).await? {
         Claim::Replay(response) => {
             let location = response["intent_id"].as_str().map(|id| format!("/v1/intents/{id}"));
             return Ok(accepted(response, location.as_deref(), true, &correlation));
         }
         Claim::Produce(intent) => intent,
     };
-    submit::record_owner(state, &tenant, &key, IntentKind::Single, &[intent]).await?;
     let env = Envelope { tenant: &tenant, correlation: &correlation, now: Utc::now() };
     let spec = spec(intent, IntentKind::Single, &message, &hex::encode(&hash));
     let events = message_events(&spec, &env, &message);
@@ -120,14 +119,14 @@ async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError>
         return Err(ApiError::Validation(all));
     }
     let hash = canonical_hash(&bytes)?;
-    let batch_id = match submit::claim_key(state, &tenant, &key, &hash).await? {
+    let valid_indexes: Vec<u32> = (0..checked.len() as u32).filter(|i| checked[*i as usize].is_ok()).collect();
+    let items = |batch: IntentId| valid_indexes.iter().map(|i| batch.item(*i)).collect::<Vec<_>>();
+    let batch_id = match submit::claim_key(state, &tenant, &key, &hash, IntentKind::Batch, &items).await? {
         Claim::Replay(response) => return Ok(accepted(response, None, true, &correlation)),
         Claim::Produce(intent) => intent,
     };
     let valid: Vec<(u32, &MessageRequest)> =
         request.messages.iter().enumerate().filter(|(i, _)| checked[*i].is_ok()).map(|(i, m)| (i as u32, m)).collect();
-    let ids: Vec<IntentId> = valid.iter().map(|(i, _)| batch_id.item(*i)).collect();
-    submit::record_owner(state, &tenant, &key, IntentKind::Batch, &ids).await?;
     let env = Envelope { tenant: &tenant, correlation: &correlation, now: Utc::now() };
     let hex_hash = hex::encode(&hash);
     let mut events = Vec::with_capacity(valid.len() * 2);

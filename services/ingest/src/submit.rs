@@ -17,8 +17,8 @@ use crate::AppState;
 /// Records in flight to the broker at once for one request: many small
 /// ones for messages, fewer for campaigns, whose records are large
 /// recipient batches (the producer holds a copy of each until its ack).
-pub const IN_FLIGHT_SMALL: usize = 256;
-pub const IN_FLIGHT_LARGE: usize = 32;
+pub const IN_FLIGHT_SMALL: usize = 4096;
+pub const IN_FLIGHT_LARGE: usize = 64;
 
 /// What an idempotency claim found.
 pub enum Claim {
@@ -28,24 +28,62 @@ pub enum Claim {
     Replay(Value),
 }
 
-pub async fn claim_key(state: &AppState, tenant: &TenantId, key: &str, hash: &[u8]) -> Result<Claim, ApiError> {
+/// Claims `key` for `tenant` and, when it is new, records in the same
+/// statement (one commit on the hot path) which intents the tenant owns:
+/// `owned(intent)` lists them (the intent itself, or a batch's items).
+pub async fn claim_key(
+    state: &AppState,
+    tenant: &TenantId,
+    key: &str,
+    hash: &[u8],
+    kind: IntentKind,
+    owned: &(dyn Fn(IntentId) -> Vec<IntentId> + Sync),
+) -> Result<Claim, ApiError> {
+    let (claim, fresh) = claim_or_find(state, tenant, key, hash, kind, owned).await?;
+    if let (Claim::Produce(intent), false) = (&claim, fresh) {
+        // An earlier attempt, or a renewed key: make sure the owner rows exist.
+        record_owner(state, tenant, key, kind, &owned(*intent)).await?;
+    }
+    Ok(claim)
+}
+
+/// The claim, and whether this call created it (owner rows included).
+async fn claim_or_find(
+    state: &AppState,
+    tenant: &TenantId,
+    key: &str,
+    hash: &[u8],
+    kind: IntentKind,
+    owned: &(dyn Fn(IntentId) -> Vec<IntentId> + Sync),
+) -> Result<(Claim, bool), ApiError> {
     let ttl = chrono::Duration::hours(i64::from(state.config.http.idempotency_ttl_hours));
     let intent = IntentId::from_idempotency_key(tenant, key);
-    let inserted = sqlx::query(
+    let owners: Vec<Uuid> = owned(intent).into_iter().map(|i| i.0).collect();
+    let inserted: bool = sqlx::query_scalar(
         "-- ingest::submit::claim_key (insert)
-         INSERT INTO idempotency_keys (tenant_id, key, request_hash, intent_id, state, expires_at)
-         VALUES ($1, $2, $3, $4, 'pending', $5)
-         ON CONFLICT (tenant_id, key) DO NOTHING",
+         WITH claim AS (
+             INSERT INTO idempotency_keys (tenant_id, key, request_hash, intent_id, state, expires_at)
+             VALUES ($1, $2, $3, $4, 'pending', $5)
+             ON CONFLICT (tenant_id, key) DO NOTHING
+             RETURNING 1
+         ), owners AS (
+             INSERT INTO intents (intent_id, tenant_id, kind, idempotency_key)
+             SELECT id, $1, $7, $2 FROM UNNEST($6::uuid[]) AS u(id) WHERE EXISTS (SELECT 1 FROM claim)
+             ON CONFLICT (intent_id) DO NOTHING
+         )
+         SELECT EXISTS (SELECT 1 FROM claim)",
     )
     .bind(tenant.as_str())
     .bind(key)
     .bind(hash)
     .bind(intent.0)
     .bind(Utc::now() + ttl)
-    .execute(&state.ops)
+    .bind(&owners)
+    .bind(kind_name(kind))
+    .fetch_one(&state.ops)
     .await?;
-    if inserted.rows_affected() == 1 {
-        return Ok(Claim::Produce(intent));
+    if inserted {
+        return Ok((Claim::Produce(intent), true));
     }
     let (stored_hash, intent_id, stored_state, response, expired): (Vec<u8>, Uuid, String, Option<Value>, bool) =
         sqlx::query_as(
@@ -75,21 +113,21 @@ pub async fn claim_key(state: &AppState, tenant: &TenantId, key: &str, hash: &[u
         .execute(&state.ops)
         .await?;
         if updated.rows_affected() == 1 {
-            return Ok(Claim::Produce(fresh));
+            return Ok((Claim::Produce(fresh), false));
         }
         // Someone renewed it first: start over with their row.
-        return Box::pin(claim_key(state, tenant, key, hash)).await;
+        return Box::pin(claim_or_find(state, tenant, key, hash, kind, owned)).await;
     }
     if stored_hash != hash {
         return Err(ApiError::IdempotencyConflict);
     }
     match (stored_state.as_str(), response) {
-        ("accepted", Some(r)) => Ok(Claim::Replay(r)),
+        ("accepted", Some(r)) => Ok((Claim::Replay(r), false)),
         // Pending: an earlier attempt did not get its acks, or a concurrent
         // duplicate is producing right now. Producing again is safe: every
         // id is derived, so consumers see the same events twice and do
         // nothing new.
-        _ => Ok(Claim::Produce(IntentId(intent_id))),
+        _ => Ok((Claim::Produce(IntentId(intent_id)), false)),
     }
 }
 

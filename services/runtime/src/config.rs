@@ -50,6 +50,9 @@ pub struct KafkaConfig {
     pub produce_timeout_ms: u64,
     /// `lz4`, `zstd`, `snappy`, `gzip` or `none`.
     pub compression: String,
+    /// How long the producer waits to fill a batch: latency against
+    /// requests per second at the broker.
+    pub linger_ms: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +154,7 @@ impl Default for KafkaConfig {
             topic_prefix: "ledger.".into(),
             produce_timeout_ms: 10_000,
             compression: "none".into(),
+            linger_ms: 2,
         }
     }
 }

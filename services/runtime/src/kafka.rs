@@ -36,7 +36,7 @@ pub fn producer(config: &Config) -> Result<FutureProducer, RuntimeError> {
     Ok(base(config)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "2")
+        .set("linger.ms", config.kafka.linger_ms.to_string())
         .set("compression.type", &config.kafka.compression)
         .set("message.timeout.ms", config.kafka.produce_timeout_ms.to_string())
         .set("queue.buffering.max.messages", "500000")

@@ -1,0 +1,288 @@
+//! `make bench-ingest`: submission throughput and latency of the ingest API
+//! against the real broker and PostgreSQL, each form as a ratio to raw
+//! rdkafka produce of the same records (same sizes, same producer settings,
+//! same bounded number in flight) measured in the same run.
+//!
+//! Prints a table and writes bench-out/ingest.{json,md}.
+
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use ledger_runtime::kafka;
+use ledger_schemas::{
+    Channel, Content, Event, EventBody, EventId, IntentAccepted, IntentId, IntentKind, Priority, Recipient,
+    RecipientBatch, TenantId, Topic,
+};
+use ledger_tests::*;
+use serde_json::{json, Value};
+
+fn content() -> Content {
+    Content {
+        subject: Some("Your order, {{ name }}".into()),
+        text: Some("Hello {{ name }}, your order {{ n }} has shipped.".into()),
+        html: Some("<p>Hello <b>{{ name }}</b>, your order {{ n }} has shipped.</p>".into()),
+        json: None,
+    }
+}
+
+fn recipient(i: usize) -> Recipient {
+    let mut variables = std::collections::BTreeMap::new();
+    variables.insert("name".to_owned(), Value::from(format!("Customer {i}")));
+    variables.insert("n".to_owned(), Value::from(i));
+    Recipient { address: format!("c{i}@example.com"), variables }
+}
+
+fn event(intent: IntentId, body: EventBody) -> Event {
+    Event {
+        event_id: EventId::derive(intent.0, "bench", 0),
+        body,
+        tenant_id: TenantId("acme".into()),
+        intent_id: intent,
+        message_id: None,
+        occurred_at: chrono::Utc::now(),
+        correlation_id: uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+fn header(intent: IntentId, recipients: u32, batches: u32) -> Event {
+    event(
+        intent,
+        EventBody::IntentAccepted(IntentAccepted {
+            kind: IntentKind::Single,
+            name: None,
+            channel: Channel::Email,
+            priority: Priority::Transactional,
+            from: Some("shop@example.com".into()),
+            recipient_count: recipients,
+            batch_count: batches,
+            send_at: None,
+            request_hash: "0".repeat(64),
+        }),
+    )
+}
+
+fn batch(intent: IntentId, index: u32, recipients: Vec<Recipient>) -> Event {
+    event(
+        intent,
+        EventBody::RecipientBatch(RecipientBatch {
+            batch_index: index,
+            batch_count: 1,
+            channel: Channel::Email,
+            priority: Priority::Transactional,
+            from: Some("shop@example.com".into()),
+            content: content(),
+            recipients,
+            send_at: None,
+        }),
+    )
+}
+
+/// The baseline: raw produce of `events` (already encoded, same producer
+/// settings, warmed up) as fast as the client allows: records/s.
+async fn raw_produce(app: &TestApp, producer: &rdkafka::producer::FutureProducer, events: Vec<Event>) -> f64 {
+    let n = events.len();
+    let encoded: Vec<(String, kafka::Encoded)> =
+        events.iter().map(|e| (e.intent_id.to_string(), kafka::Encoded::from(e))).collect();
+    drop(events);
+    let started = Instant::now();
+    futures::stream::iter(encoded)
+        .map(|(key, encoded)| {
+            let config = &app.config;
+            async move { kafka::send_encoded(producer, config, Topic::Intents, &key, encoded).await }
+        })
+        .buffer_unordered(RAW_IN_FLIGHT)
+        .try_for_each(|()| async { Ok(()) })
+        .await
+        .expect("raw produce");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+async fn post(app: &TestApp, path: &str, key: String, body: Value) -> Duration {
+    let started = Instant::now();
+    let r = app
+        .http()
+        .post(app.url(path))
+        .bearer_auth(&app.api_key)
+        .header("idempotency-key", key)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    started.elapsed()
+}
+
+fn single_body(i: usize) -> Value {
+    let r = recipient(i);
+    json!({ "to": r.address, "from": "shop@example.com", "variables": r.variables, "content": content() })
+}
+
+/// Records the raw baseline keeps outstanding: enough to saturate.
+const RAW_IN_FLIGHT: usize = 20_000;
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let mut config = test_config();
+    config.telemetry.log_filter = "warn".into();
+    if let Ok(linger) = std::env::var("BENCH_LINGER_MS") {
+        config.kafka.linger_ms = linger.parse().expect("BENCH_LINGER_MS");
+    }
+    let app = spawn_roles(config, false).await;
+    let producer = kafka::producer(&app.config).expect("producer");
+    // Warm up: connection, metadata and producer id before any timing.
+    raw_produce(&app, &producer, vec![header(IntentId(uuid::Uuid::new_v4()), 1, 1)]).await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let mut rows: Vec<Value> = Vec::new();
+
+    // Single messages, closed loop with 32 clients: the maximum rate.
+    const SINGLES: usize = 4000;
+    const CLIENTS: usize = 32;
+    let started = Instant::now();
+    let mut lat: Vec<Duration> = futures::stream::iter(0..SINGLES)
+        .map(|i| post(&app, "/v1/messages", format!("{run}-s{i}"), single_body(i)))
+        .buffer_unordered(CLIENTS)
+        .collect()
+        .await;
+    let single_rate = SINGLES as f64 / started.elapsed().as_secs_f64();
+    lat.sort();
+    let raw_single = raw_produce(
+        &app,
+        &producer,
+        (0..SINGLES)
+            .flat_map(|i| {
+                let id = IntentId(uuid::Uuid::new_v4());
+                [header(id, 1, 1), batch(id, 0, vec![recipient(i)])]
+            })
+            .collect(),
+    )
+    .await
+        / 2.0;
+    rows.push(json!({ "form": "single (32 clients)", "intents_per_s": single_rate, "recipients_per_s": single_rate,
+                      "raw_per_s": raw_single, "ratio": single_rate / raw_single,
+                      "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99) }));
+
+    // Single messages paced at 70 % of that maximum: latency under load.
+    let paced_rate = single_rate * 0.7;
+    let paced_n = (paced_rate * 5.0) as usize;
+    let interval = Duration::from_secs_f64(1.0 / paced_rate);
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(paced_n);
+    let app_ref = std::sync::Arc::new(app);
+    for i in 0..paced_n {
+        let due = started + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let app = app_ref.clone();
+        let key = format!("{run}-p{i}");
+        handles.push(tokio::spawn(async move { post(&app, "/v1/messages", key, single_body(i)).await }));
+    }
+    let mut paced: Vec<Duration> = Vec::with_capacity(paced_n);
+    for h in handles {
+        paced.push(h.await.expect("join"));
+    }
+    let achieved = paced_n as f64 / started.elapsed().as_secs_f64();
+    paced.sort();
+    rows.push(json!({ "form": "single at 70% of max", "intents_per_s": achieved, "recipients_per_s": achieved,
+                      "raw_per_s": Value::Null, "ratio": Value::Null,
+                      "p50_ms": percentile(&paced, 0.5), "p99_ms": percentile(&paced, 0.99) }));
+    let app = std::sync::Arc::try_unwrap(app_ref).unwrap_or_else(|_| panic!("app still shared"));
+
+    // Batches of 1,000 messages, 4 at a time.
+    const BATCHES: usize = 12;
+    let started = Instant::now();
+    let mut blat: Vec<Duration> = futures::stream::iter(0..BATCHES)
+        .map(|b| {
+            let messages: Vec<Value> = (0..1000).map(|i| single_body(b * 1000 + i)).collect();
+            post(&app, "/v1/messages/batch", format!("{run}-b{b}"), json!({ "messages": messages }))
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    let batch_rate = (BATCHES * 1000) as f64 / started.elapsed().as_secs_f64();
+    blat.sort();
+    let raw_batch = raw_produce(
+        &app,
+        &producer,
+        (0..BATCHES * 1000)
+            .flat_map(|i| {
+                let id = IntentId(uuid::Uuid::new_v4());
+                [header(id, 1, 1), batch(id, 0, vec![recipient(i)])]
+            })
+            .collect(),
+    )
+    .await
+        / 2.0;
+    rows.push(json!({ "form": "batch of 1,000", "intents_per_s": batch_rate, "recipients_per_s": batch_rate,
+                      "raw_per_s": raw_batch, "ratio": batch_rate / raw_batch,
+                      "p50_ms": percentile(&blat, 0.5), "p99_ms": percentile(&blat, 0.99) }));
+
+    // One NDJSON campaign of 100,000 recipients.
+    const RECIPIENTS: usize = 100_000;
+    let mut body = json!({ "name": "bench", "from": "shop@example.com", "content": content() }).to_string();
+    body.push('\n');
+    for i in 0..RECIPIENTS {
+        body.push_str(&serde_json::to_string(&recipient(i)).expect("json"));
+        body.push('\n');
+    }
+    let started = Instant::now();
+    let r = app
+        .http()
+        .post(app.url("/v1/campaigns"))
+        .bearer_auth(&app.api_key)
+        .header("idempotency-key", format!("{run}-c"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let campaign_time = started.elapsed();
+    let reply: Value = r.json().await.expect("json");
+    let batches = reply["batches"].as_u64().unwrap_or(0) as usize;
+    let campaign_rate = RECIPIENTS as f64 / campaign_time.as_secs_f64();
+    let per_batch = RECIPIENTS.div_ceil(batches.max(1));
+    let id = IntentId(uuid::Uuid::new_v4());
+    let mut raw_events = vec![header(id, RECIPIENTS as u32, batches as u32)];
+    for b in 0..batches {
+        raw_events.push(batch(
+            id,
+            b as u32,
+            (b * per_batch..((b + 1) * per_batch).min(RECIPIENTS)).map(recipient).collect(),
+        ));
+    }
+    let raw_campaign_records = raw_produce(&app, &producer, raw_events).await;
+    let raw_campaign = raw_campaign_records * RECIPIENTS as f64 / (batches + 1) as f64;
+    rows.push(json!({ "form": "campaign, 100,000 recipients (NDJSON)", "intents_per_s": 1.0 / campaign_time.as_secs_f64(),
+                      "recipients_per_s": campaign_rate, "raw_per_s": raw_campaign, "ratio": campaign_rate / raw_campaign,
+                      "p50_ms": campaign_time.as_secs_f64() * 1000.0, "p99_ms": campaign_time.as_secs_f64() * 1000.0 }));
+
+    let mut md = String::from("| form | intents/s | recipients/s | raw produce (same records)/s | ratio | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    let f = |v: &Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "–".into());
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r["form"].as_str().unwrap_or(""),
+            f(&r["intents_per_s"], 1),
+            f(&r["recipients_per_s"], 0),
+            f(&r["raw_per_s"], 0),
+            f(&r["ratio"], 2),
+            f(&r["p50_ms"], 2),
+            f(&r["p99_ms"], 2)
+        ));
+    }
+    println!("\ningest benchmark (debug = {}):\n\n{md}", cfg!(debug_assertions));
+    std::fs::create_dir_all("bench-out").expect("bench-out");
+    std::fs::write("bench-out/ingest.md", &md).expect("write");
+    std::fs::write(
+        "bench-out/ingest.json",
+        serde_json::to_string_pretty(&json!({ "rows": rows, "measured_at": chrono::Utc::now() })).expect("json"),
+    )
+    .expect("write");
+    app.stop().await;
+}
