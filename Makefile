@@ -55,7 +55,7 @@ lint: ## rustfmt and clippy, warnings as errors
 
 .PHONY: schemas
 schemas: ## Rewrite schemas/events/*.json from the Rust types (after a deliberate change)
-	UPDATE_SCHEMAS=1 cargo test -p ledger-schemas --test schema_files
+	UPDATE_SCHEMAS=1 cargo test -p ledger-schemas --test schema_files -- --test-threads=1
 
 .PHONY: compose-check
 compose-check: ## Validate infra/compose.yaml (docker compose config; docker-compose from apt if needed)

@@ -350,9 +350,10 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             p.failed_at = at;
             p
         }
-        EventBody::IntentAccepted(_) | EventBody::RecipientBatch(_) | EventBody::IntentCancelled(_) => {
-            return Vec::new()
-        }
+        EventBody::IntentAccepted(_)
+        | EventBody::RecipientBatch(_)
+        | EventBody::IntentCancelled(_)
+        | EventBody::TemplatePublished(_) => return Vec::new(),
     };
     vec![p]
 }
@@ -382,6 +383,7 @@ mod tests {
             ev(
                 0,
                 EventBody::RecipientBatch(RecipientBatch {
+                    template: None,
                     batch_index: 0,
                     batch_count: 1,
                     channel: Channel::Email,

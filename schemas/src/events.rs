@@ -64,6 +64,8 @@ pub enum EventBody {
     MessageCancelled(MessageCancelled),
     #[serde(rename = "record.dead_lettered.v1")]
     DeadLettered(DeadLettered),
+    #[serde(rename = "template.published.v1")]
+    TemplatePublished(TemplatePublished),
 }
 
 /// The kind of an event, without its data: its name and version.
@@ -81,10 +83,11 @@ pub enum EventKind {
     Suppressed,
     MessageCancelled,
     DeadLettered,
+    TemplatePublished,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 13] = [
         EventKind::IntentAccepted,
         EventKind::RecipientBatch,
         EventKind::IntentCancelled,
@@ -97,6 +100,7 @@ impl EventKind {
         EventKind::Suppressed,
         EventKind::MessageCancelled,
         EventKind::DeadLettered,
+        EventKind::TemplatePublished,
     ];
 
     /// The wire name, `<subject>.<fact>.v<version>`; also the schema file name.
@@ -114,6 +118,7 @@ impl EventKind {
             EventKind::Suppressed => "message.suppressed.v1",
             EventKind::MessageCancelled => "message.cancelled.v1",
             EventKind::DeadLettered => "record.dead_lettered.v1",
+            EventKind::TemplatePublished => "template.published.v1",
         }
     }
 
@@ -148,6 +153,7 @@ impl EventKind {
             EventKind::Suppressed => of::<Suppressed>(self),
             EventKind::MessageCancelled => of::<MessageCancelled>(self),
             EventKind::DeadLettered => of::<DeadLettered>(self),
+            EventKind::TemplatePublished => of::<TemplatePublished>(self),
         }
     }
 }
@@ -184,6 +190,7 @@ impl EventBody {
             EventBody::Suppressed(_) => EventKind::Suppressed,
             EventBody::MessageCancelled(_) => EventKind::MessageCancelled,
             EventBody::DeadLettered(_) => EventKind::DeadLettered,
+            EventBody::TemplatePublished(_) => EventKind::TemplatePublished,
         }
     }
 }
@@ -304,6 +311,9 @@ pub struct IntentAccepted {
     pub priority: Priority,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// The template version pinned at acceptance, when not inline content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateRef>,
     pub recipient_count: u32,
     pub batch_count: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -323,7 +333,10 @@ pub struct RecipientBatch {
     pub priority: Priority,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// Inline content; empty when `template` names a published version.
     pub content: Content,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateRef>,
     pub recipients: Vec<Recipient>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_at: Option<DateTime<Utc>>,
@@ -413,6 +426,33 @@ pub struct Suppressed {
     pub channel: Channel,
     pub recipient: String,
     pub reason: SuppressionReason,
+}
+
+/// A published template version, pinned by intents that reference it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateRef {
+    pub name: String,
+    pub version: u32,
+}
+
+/// A new immutable version of a named template. The envelope's intent id is
+/// nil: a template belongs to no intent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatePublished {
+    pub name: String,
+    pub version: u32,
+    pub channel: Channel,
+    pub content: Content,
+}
+
+impl TemplatePublished {
+    /// The record key on the templates topic: one per version, so that
+    /// compaction keeps every version.
+    pub fn key(&self, tenant: &TenantId) -> String {
+        format!("{}/{}/{}", tenant.0, self.name, self.version)
+    }
 }
 
 /// The tenant cancelled the intent: its messages not yet claimed for

@@ -11,7 +11,7 @@ pub mod topics;
 pub use events::{
     Channel, Content, DeadLettered, DecodeError, Delivered, DeliveryAmbiguous, DeliveryAttempted, DeliveryFailed,
     Event, EventBody, EventKind, IntentAccepted, IntentCancelled, IntentKind, MessageCancelled, MessageRendered,
-    Priority, Recipient, RecipientBatch, RenderFailed, Suppressed, SuppressionReason,
+    Priority, Recipient, RecipientBatch, RenderFailed, Suppressed, SuppressionReason, TemplatePublished, TemplateRef,
 };
 pub use ids::{EventId, IntentId, MessageId, TenantId};
 pub use topics::{ConsumerGroup, Topic};

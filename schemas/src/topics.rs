@@ -15,10 +15,13 @@ pub enum Topic {
     Retries,
     /// Records that could not be processed, with the reason.
     DeadLetter,
+    /// Published template versions; compacted; key = tenant/name/version.
+    Templates,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 5] = [Topic::Intents, Topic::Rendered, Topic::Outcomes, Topic::Retries, Topic::DeadLetter];
+    pub const ALL: [Topic; 6] =
+        [Topic::Intents, Topic::Rendered, Topic::Outcomes, Topic::Retries, Topic::DeadLetter, Topic::Templates];
 
     pub fn base_name(self) -> &'static str {
         match self {
@@ -27,6 +30,7 @@ impl Topic {
             Topic::Outcomes => "outcomes",
             Topic::Retries => "retries",
             Topic::DeadLetter => "deadletter",
+            Topic::Templates => "templates",
         }
     }
 
@@ -39,11 +43,17 @@ impl Topic {
             Topic::Outcomes => 8,
             Topic::Retries => 4,
             Topic::DeadLetter => 2,
+            Topic::Templates => 1,
         }
     }
 
     pub fn name(self, prefix: &str) -> String {
         format!("{prefix}{}", self.base_name())
+    }
+
+    /// Whether the broker keeps only the latest record per key.
+    pub fn compacted(self) -> bool {
+        matches!(self, Topic::Templates)
     }
 
     pub fn from_name(prefix: &str, name: &str) -> Option<Topic> {

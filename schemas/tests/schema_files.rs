@@ -72,6 +72,7 @@ fn samples() -> Vec<Event> {
     vars.insert("name".to_owned(), Value::from("Ann"));
     vec![
         sample(EventBody::IntentAccepted(IntentAccepted {
+            template: None,
             kind: IntentKind::Single,
             name: None,
             channel: Channel::Email,
@@ -83,6 +84,7 @@ fn samples() -> Vec<Event> {
             request_hash: "ab".into(),
         })),
         sample(EventBody::RecipientBatch(RecipientBatch {
+            template: None,
             batch_index: 0,
             batch_count: 1,
             channel: Channel::Email,
@@ -147,6 +149,12 @@ fn samples() -> Vec<Event> {
             reason: "r".into(),
             key: Some("k".into()),
             payload: "garbage".into(),
+        })),
+        sample(EventBody::TemplatePublished(TemplatePublished {
+            name: "welcome".into(),
+            version: 2,
+            channel: Channel::Email,
+            content: content.clone(),
         })),
     ]
 }

@@ -48,6 +48,7 @@ fn header(intent: IntentId, recipients: u32, batches: u32) -> Event {
     event(
         intent,
         EventBody::IntentAccepted(IntentAccepted {
+            template: None,
             kind: IntentKind::Single,
             name: None,
             channel: Channel::Email,
@@ -65,6 +66,7 @@ fn batch(intent: IntentId, index: u32, recipients: Vec<Recipient>) -> Event {
     event(
         intent,
         EventBody::RecipientBatch(RecipientBatch {
+            template: None,
             batch_index: index,
             batch_count: 1,
             channel: Channel::Email,

@@ -4,3 +4,4 @@
 mod foundation;
 mod ingest;
 mod projection;
+mod rendering;

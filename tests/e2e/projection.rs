@@ -25,6 +25,7 @@ fn events() -> Vec<Event> {
         ev(
             0,
             EventBody::RecipientBatch(RecipientBatch {
+                template: None,
                 batch_index: 0,
                 batch_count: 1,
                 channel: Channel::Email,

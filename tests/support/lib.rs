@@ -105,7 +105,7 @@ pub async fn spawn_roles(config: Config, pipeline: bool) -> TestApp {
     let s = shutdown.clone();
     tasks.spawn(async move { ingest.run(s).await.map_err(anyhow::Error::from) });
     if pipeline {
-        let renderer = ledger_renderer::build(&config).expect("renderer");
+        let renderer = ledger_renderer::build(&config).await.expect("renderer");
         let s = shutdown.clone();
         tasks.spawn(async move { renderer.run(s).await.map_err(anyhow::Error::from) });
         let dispatcher = ledger_dispatcher::build(&config).await.expect("dispatcher");

@@ -25,7 +25,7 @@ use crate::problem::{ApiError, FieldError};
 use crate::request::{authenticate, body_kind, canonical_hash, correlation_id, idempotency_key, read_body, BodyKind};
 use crate::submit::{self, Batcher, Claim, Envelope, IntentSpec};
 use crate::validate::{self, CampaignHeader, CampaignRequest, CancelRequest, Errors};
-use crate::{accepted, AppState};
+use crate::{accepted, templates, AppState};
 
 /// Longest NDJSON line (the header line carries the content).
 const MAX_LINE_BYTES: usize = 1 << 20;
@@ -229,6 +229,14 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
         Some(BodyKind::Ndjson) => check_ndjson(state, body).await?,
         None => return Err(ApiError::UnsupportedMediaType("application/json or application/x-ndjson")),
     };
+    let template = match &checked.header.template {
+        Some(t) => Some(
+            templates::resolve(&state.ops, &tenant, "", t, checked.header.channel)
+                .await
+                .map_err(|e| ApiError::Validation(vec![e]))?,
+        ),
+        None => None,
+    };
     let intent =
         match submit::claim_key(state, &tenant, &key, &checked.hash, IntentKind::Campaign, &|i| vec![i]).await? {
             Claim::Replay(response) => {
@@ -245,7 +253,8 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
         channel: header.channel,
         priority: header.priority,
         from: header.from.clone(),
-        content: header.content.clone(),
+        content: header.content.clone().unwrap_or_default(),
+        template,
         send_at: header.send_at,
         request_hash: hex::encode(&hash),
     };

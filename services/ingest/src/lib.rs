@@ -15,6 +15,7 @@ pub mod problem;
 pub mod request;
 pub mod status;
 pub mod submit;
+pub mod templates;
 pub mod tenants;
 pub mod validate;
 
@@ -55,6 +56,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/campaigns/{id}/cancel"),
     ("get", "/v1/intents/{id}"),
     ("get", "/v1/messages/{id}"),
+    ("post", "/v1/templates"),
+    ("get", "/v1/templates/{name}"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -84,10 +87,12 @@ pub async fn build(config: &Config) -> Result<Ingest, RuntimeError> {
         .route(ROUTES[3].1, post(campaigns::cancel))
         .route(ROUTES[4].1, get(status::intent))
         .route(ROUTES[5].1, get(status::message))
-        .route(ROUTES[6].1, get(|| async { "ok" }))
-        .route(ROUTES[7].1, get(ready))
-        .route(ROUTES[8].1, get(metrics_endpoint))
-        .route(ROUTES[9].1, get(openapi::serve))
+        .route(ROUTES[6].1, post(templates::create))
+        .route(ROUTES[7].1, get(templates::list))
+        .route(ROUTES[8].1, get(|| async { "ok" }))
+        .route(ROUTES[9].1, get(ready))
+        .route(ROUTES[10].1, get(metrics_endpoint))
+        .route(ROUTES[11].1, get(openapi::serve))
         .fallback(|| async { problem::ApiError::NotFound })
         .layer(middleware::from_fn(observe))
         .with_state(state);

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use ledger_schemas::{IntentId, IntentKind, MessageId, Recipient};
+use ledger_schemas::{IntentId, IntentKind, MessageId, Recipient, TemplateRef};
 use serde_json::{json, Value};
 
 use crate::problem::{ApiError, FieldError};
 use crate::request::{authenticate, canonical_hash, correlation_id, idempotency_key, read_body, require_json};
 use crate::submit::{self, Claim, Envelope, IntentSpec};
 use crate::validate::{self, BatchRequest, Errors, MessageRequest};
-use crate::{accepted, AppState};
+use crate::{accepted, templates, AppState};
 
 pub async fn send_message(State(state): State<Arc<AppState>>, request: Request) -> Response {
     single(&state, request).await.unwrap_or_else(IntoResponse::into_response)
@@ -22,7 +22,13 @@ pub async fn send_batch(State(state): State<Arc<AppState>>, request: Request) ->
     batch(&state, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn spec(intent: IntentId, kind: IntentKind, m: &MessageRequest, hash: &str) -> IntentSpec {
+fn spec(
+    intent: IntentId,
+    kind: IntentKind,
+    m: &MessageRequest,
+    template: Option<TemplateRef>,
+    hash: &str,
+) -> IntentSpec {
     IntentSpec {
         intent,
         kind,
@@ -30,7 +36,8 @@ fn spec(intent: IntentId, kind: IntentKind, m: &MessageRequest, hash: &str) -> I
         channel: m.channel,
         priority: m.priority,
         from: m.from.clone(),
-        content: m.content.clone(),
+        content: m.content.clone().unwrap_or_default(),
+        template,
         send_at: m.send_at,
         request_hash: hash.to_owned(),
     }
@@ -51,6 +58,14 @@ async fn single(state: &AppState, request: Request) -> Result<Response, ApiError
     let bytes = read_body(body, state.config.http.max_body_bytes).await?;
     let message: MessageRequest = validate::parse(&bytes)?;
     message.validate()?;
+    let template = match &message.template {
+        Some(t) => Some(
+            templates::resolve(&state.ops, &tenant, "", t, message.channel)
+                .await
+                .map_err(|e| ApiError::Validation(vec![e]))?,
+        ),
+        None => None,
+    };
     let hash = canonical_hash(&bytes)?;
 
     let intent = match submit::claim_key(state, &tenant, &key, &hash, IntentKind::Single, &|i| vec![i]).await? {
@@ -61,7 +76,7 @@ async fn single(state: &AppState, request: Request) -> Result<Response, ApiError
         Claim::Produce(intent) => intent,
     };
     let env = Envelope { tenant: &tenant, correlation: &correlation, now: Utc::now() };
-    let spec = spec(intent, IntentKind::Single, &message, &hex::encode(&hash));
+    let spec = spec(intent, IntentKind::Single, &message, template, &hex::encode(&hash));
     let events = message_events(&spec, &env, &message);
     submit::produce_all(state, submit::IN_FLIGHT_SMALL, futures::stream::iter(events.into_iter().map(Ok))).await?;
 
@@ -95,19 +110,18 @@ async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError>
     }
     // Each message is judged on its own: the valid ones are accepted, the
     // others get their problems in their own result.
-    let checked: Vec<Result<(), Vec<FieldError>>> = request
-        .messages
-        .iter()
-        .map(|m| {
-            let mut errors = Errors::new();
-            m.check(&mut errors, "");
-            if errors.is_empty() {
-                Ok(())
-            } else {
-                Err(errors.list)
-            }
-        })
-        .collect();
+    let mut checked: Vec<Result<Option<TemplateRef>, Vec<FieldError>>> = Vec::with_capacity(request.messages.len());
+    for m in &request.messages {
+        let mut errors = Errors::new();
+        m.check(&mut errors, "");
+        checked.push(if !errors.is_empty() {
+            Err(errors.list)
+        } else if let Some(t) = &m.template {
+            templates::resolve(&state.ops, &tenant, "", t, m.channel).await.map(Some).map_err(|e| vec![e])
+        } else {
+            Ok(None)
+        });
+    }
     if checked.iter().all(Result::is_err) {
         let all = checked
             .into_iter()
@@ -125,13 +139,19 @@ async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError>
         Claim::Replay(response) => return Ok(accepted(response, None, true, &correlation)),
         Claim::Produce(intent) => intent,
     };
-    let valid: Vec<(u32, &MessageRequest)> =
-        request.messages.iter().enumerate().filter(|(i, _)| checked[*i].is_ok()).map(|(i, m)| (i as u32, m)).collect();
+    let valid: Vec<(u32, &MessageRequest, Option<TemplateRef>)> = request
+        .messages
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| checked[i].as_ref().ok().map(|t| (i as u32, m, t.clone())))
+        .collect();
     let env = Envelope { tenant: &tenant, correlation: &correlation, now: Utc::now() };
     let hex_hash = hex::encode(&hash);
     let mut events = Vec::with_capacity(valid.len() * 2);
-    for (i, m) in &valid {
-        events.extend(message_events(&spec(batch_id.item(*i), IntentKind::Batch, m, &hex_hash), &env, m).map(Ok));
+    for (i, m, t) in &valid {
+        events.extend(
+            message_events(&spec(batch_id.item(*i), IntentKind::Batch, m, t.clone(), &hex_hash), &env, m).map(Ok),
+        );
     }
     submit::produce_all(state, submit::IN_FLIGHT_SMALL, futures::stream::iter(events)).await?;
 
@@ -141,7 +161,7 @@ async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError>
         .zip(&checked)
         .enumerate()
         .map(|(i, (m, check))| match check {
-            Ok(()) => {
+            Ok(_) => {
                 let intent = batch_id.item(i as u32);
                 json!({ "index": i, "status": "accepted", "intent_id": intent, "message_id": MessageId::derive(intent, &m.to) })
             }

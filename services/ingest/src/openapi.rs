@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Map, Value};
 
-use crate::validate::{BatchRequest, CampaignHeader, CampaignRequest, CancelRequest, MessageRequest};
+use crate::validate::{BatchRequest, CampaignHeader, CampaignRequest, CancelRequest, MessageRequest, TemplateRequest};
 
 pub const COMMITTED: &str = include_str!("../openapi.json");
 
@@ -62,6 +62,7 @@ pub fn document() -> Value {
     let campaign = generator.subschema_for::<CampaignRequest>();
     let header = generator.subschema_for::<CampaignHeader>();
     let cancel = generator.subschema_for::<CancelRequest>();
+    let template = generator.subschema_for::<TemplateRequest>();
     let mut schemas: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
     schemas.insert(
         "Problem".into(),
@@ -104,6 +105,15 @@ pub fn document() -> Value {
         "summary": "A message's row from the read model (eventually consistent)", "operationId": "getMessage",
         "parameters": [id_param()],
         "responses": merge(json!({ "200": accepted("Status, attempts, last error and the time of each stage.") }), problem_responses(&[401, 404])) } }));
+    paths.insert("/v1/templates".into(), json!({ "post": {
+        "summary": "Publish a new immutable version of a named template", "operationId": "publishTemplate",
+        "description": "Identical content to the latest version returns that version (200) instead of a new one. Intents reference `template: {name, version?}`; without a version the latest is pinned at acceptance.",
+        "requestBody": { "required": true, "content": { "application/json": { "schema": template } } },
+        "responses": merge(json!({ "201": accepted("Published. Body: name, version, created."), "200": accepted("Unchanged: the latest version already has this content.") }), problem_responses(&[400, 401, 415, 422, 503])) } }));
+    paths.insert("/v1/templates/{name}".into(), json!({ "get": {
+        "summary": "A template's versions", "operationId": "getTemplate",
+        "parameters": [{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }],
+        "responses": merge(json!({ "200": accepted("Every version with its content.") }), problem_responses(&[401, 404])) } }));
     paths.insert("/healthz".into(), json!({ "get": { "summary": "Liveness", "operationId": "healthz", "security": [], "responses": { "200": { "description": "Alive" } } } }));
     paths.insert("/readyz".into(), json!({ "get": { "summary": "Readiness: operational database and broker reachable", "operationId": "readyz", "security": [],
         "responses": { "200": { "description": "Ready" }, "503": { "description": "Not ready" } } } }));

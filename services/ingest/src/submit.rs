@@ -18,7 +18,7 @@ use crate::AppState;
 /// ones for messages, fewer for campaigns, whose records are large
 /// recipient batches (the producer holds a copy of each until its ack).
 pub const IN_FLIGHT_SMALL: usize = 4096;
-pub const IN_FLIGHT_LARGE: usize = 64;
+pub const IN_FLIGHT_LARGE: usize = 32;
 
 /// What an idempotency claim found.
 pub enum Claim {
@@ -187,6 +187,7 @@ pub struct IntentSpec {
     pub priority: Priority,
     pub from: Option<String>,
     pub content: Content,
+    pub template: Option<ledger_schemas::TemplateRef>,
     pub send_at: Option<DateTime<Utc>>,
     pub request_hash: String,
 }
@@ -216,6 +217,7 @@ impl IntentSpec {
             EventBody::IntentAccepted(IntentAccepted {
                 kind: self.kind,
                 name: self.name.clone(),
+                template: self.template.clone(),
                 channel: self.channel,
                 priority: self.priority,
                 from: self.from.clone(),
@@ -233,6 +235,7 @@ impl IntentSpec {
         self.event(
             env,
             EventBody::RecipientBatch(RecipientBatch {
+                template: self.template.clone(),
                 batch_index: index,
                 batch_count: count,
                 channel: self.channel,

@@ -33,12 +33,38 @@ pub struct MessageRequest {
     /// Template variables of this recipient.
     #[serde(default)]
     pub variables: BTreeMap<String, Value>,
-    pub content: Content,
+    /// Inline content (templates in minijinja syntax)...
+    #[serde(default)]
+    pub content: Option<Content>,
+    /// ...or a published template; without a version, the latest one is
+    /// pinned at acceptance.
+    #[serde(default)]
+    pub template: Option<TemplateSelector>,
     #[serde(default)]
     pub priority: Priority,
     /// Deliver no earlier than this (RFC 3339), at most 30 days ahead.
     #[serde(default)]
     pub send_at: Option<DateTime<Utc>>,
+}
+
+/// A published template by name, and optionally version.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSelector {
+    pub name: String,
+    #[serde(default)]
+    pub version: Option<u32>,
+}
+
+/// `POST /v1/templates`: publish a new immutable version of a template.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateRequest {
+    /// `[a-z0-9][a-z0-9._-]*`, at most 100 characters.
+    pub name: String,
+    #[serde(default = "default_channel")]
+    pub channel: Channel,
+    pub content: Content,
 }
 
 /// `POST /v1/messages/batch`: independent messages, each with its own result.
@@ -60,7 +86,10 @@ pub struct CampaignHeader {
     pub channel: Channel,
     #[serde(default)]
     pub from: Option<String>,
-    pub content: Content,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub template: Option<TemplateSelector>,
     /// Campaigns default to bulk.
     #[serde(default = "bulk")]
     pub priority: Priority,
@@ -78,7 +107,10 @@ pub struct CampaignRequest {
     pub channel: Channel,
     #[serde(default)]
     pub from: Option<String>,
-    pub content: Content,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub template: Option<TemplateSelector>,
     #[serde(default = "bulk")]
     pub priority: Priority,
     #[serde(default)]
@@ -94,6 +126,7 @@ impl CampaignRequest {
             channel: self.channel,
             from: self.from,
             content: self.content,
+            template: self.template,
             priority: self.priority,
             send_at: self.send_at,
         };
@@ -247,12 +280,15 @@ pub fn check_recipient(
     }
 }
 
+/// Checks what an intent says besides its recipients: exactly one of
+/// inline content and template, the sender, the schedule.
 pub fn check_common(
     errors: &mut Errors,
     at: &str,
     channel: Channel,
     from: Option<&str>,
-    content: &Content,
+    content: Option<&Content>,
+    template: Option<&TemplateSelector>,
     send_at: Option<DateTime<Utc>>,
 ) {
     if let Some(from) = from {
@@ -260,6 +296,39 @@ pub fn check_common(
             errors.add(join(at, "from"), format!("not a valid email address: {p}"));
         }
     }
+    if let Some(at_time) = send_at {
+        let now = Utc::now();
+        if at_time > now + chrono::Duration::days(30) {
+            errors.add(join(at, "send_at"), "more than 30 days ahead".into());
+        } else if at_time < now - chrono::Duration::days(1) {
+            errors.add(join(at, "send_at"), "more than a day in the past".into());
+        }
+    }
+    match (content, template) {
+        (Some(c), None) => check_content(errors, at, channel, c),
+        (None, Some(t)) => {
+            if let Some(p) = template_name_problem(&t.name) {
+                errors.add(join(at, "template.name"), p.into());
+            }
+        }
+        (Some(_), Some(_)) => errors.add(join(at, "template"), "give content or a template, not both".into()),
+        (None, None) => errors.add(join(at, "content"), "give content or a template".into()),
+    }
+}
+
+pub fn template_name_problem(name: &str) -> Option<&'static str> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && matches!(b, b'.' | b'_' | b'-')));
+    (!ok).then_some("use 1-100 characters a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+}
+
+/// The content itself: the parts the channel needs, sizes, and templates
+/// that compile (a syntax error is refused here, not found at render time).
+pub fn check_content(errors: &mut Errors, at: &str, channel: Channel, content: &Content) {
     let text = content.text.as_deref().unwrap_or("");
     let html = content.html.as_deref().unwrap_or("");
     match channel {
@@ -300,19 +369,24 @@ pub fn check_common(
             errors.add(join(at, "content.json"), format!("larger than {MAX_PART_BYTES} bytes"));
         }
     }
-    if let Some(at_time) = send_at {
-        let now = Utc::now();
-        if at_time > now + chrono::Duration::days(30) {
-            errors.add(join(at, "send_at"), "more than 30 days ahead".into());
-        } else if at_time < now - chrono::Duration::days(1) {
-            errors.add(join(at, "send_at"), "more than a day in the past".into());
+    if errors.is_empty() {
+        if let Err(e) = ledger_templating::Templates::compile(content) {
+            errors.add(join(at, "content"), format!("{}: {}", e.code, e.reason));
         }
     }
 }
 
 impl MessageRequest {
     pub fn check(&self, errors: &mut Errors, at: &str) {
-        check_common(errors, at, self.channel, self.from.as_deref(), &self.content, self.send_at);
+        check_common(
+            errors,
+            at,
+            self.channel,
+            self.from.as_deref(),
+            self.content.as_ref(),
+            self.template.as_ref(),
+            self.send_at,
+        );
         let mut inner = Errors::new();
         check_recipient(&mut inner, "", self.channel, &self.to, &self.variables);
         // A single message names its recipient `to`, not `address`.
@@ -331,7 +405,15 @@ impl MessageRequest {
 
 impl CampaignHeader {
     pub fn check(&self, errors: &mut Errors) {
-        check_common(errors, "", self.channel, self.from.as_deref(), &self.content, self.send_at);
+        check_common(
+            errors,
+            "",
+            self.channel,
+            self.from.as_deref(),
+            self.content.as_ref(),
+            self.template.as_ref(),
+            self.send_at,
+        );
         if let Some(name) = &self.name {
             if name.len() > MAX_NAME_BYTES {
                 errors.add("name".into(), format!("longer than {MAX_NAME_BYTES} bytes"));

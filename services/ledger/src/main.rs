@@ -42,8 +42,24 @@ enum Command {
         #[command(subcommand)]
         command: TenantsCommand,
     },
+    /// Templates: immutable, versioned, published to the templates topic.
+    Templates {
+        #[command(subcommand)]
+        command: TemplatesCommand,
+    },
     /// Messages by status, from the reporting read model.
     Summary,
+}
+
+#[derive(Subcommand)]
+enum TemplatesCommand {
+    /// Publish FILE (JSON or TOML: name, channel, content.subject/text/html/json)
+    /// as the next version of its template.
+    Publish {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,6 +139,31 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             println!("tenant {name} created; its API key (shown only now):\n{key}");
             Ok(())
         }
+        Command::Templates { command: TemplatesCommand::Publish { file, tenant } } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let request: ledger_ingest::validate::TemplateRequest = if file.extension().is_some_and(|e| e == "toml") {
+                toml::from_str(&text).with_context(|| format!("{} is not a template (TOML)", file.display()))?
+            } else {
+                serde_json::from_str(&text).with_context(|| format!("{} is not a template (JSON)", file.display()))?
+            };
+            let tenant = ledger_schemas::TenantId::parse(&tenant)?;
+            let ops = ledger_runtime::db::pool(&config.ops_database_url, 1).await?;
+            let producer = ledger_runtime::kafka::producer(&config)?;
+            match ledger_ingest::templates::publish(&config, &producer, &ops, &tenant, &request, "cli").await {
+                Ok((version, true)) => println!("published {} version {version}", request.name),
+                Ok((version, false)) => println!("{} version {version} has this content already", request.name),
+                Err(e) => {
+                    let detail = match &e {
+                        ledger_ingest::problem::ApiError::Validation(errors) => {
+                            errors.iter().map(|f| format!("\n  {}: {}", f.field, f.detail)).collect::<String>()
+                        }
+                        _ => String::new(),
+                    };
+                    anyhow::bail!("{e}{detail}");
+                }
+            }
+            Ok(())
+        }
         Command::Summary => {
             let pool = ledger_runtime::db::pool(&config.reporting_database_url, 1).await?;
             print!("{}", demo::summary(&pool).await?);
@@ -156,7 +197,7 @@ async fn run(config: Config, roles: Vec<Role>, demo: Option<u32>) -> anyhow::Res
         tasks.spawn(async move { ingest.run(s).await.map_err(anyhow::Error::from) });
     }
     if has(Role::Render) {
-        let renderer = ledger_renderer::build(&config).context("building renderer")?;
+        let renderer = ledger_renderer::build(&config).await.context("building renderer")?;
         let s = shutdown.clone();
         tasks.spawn(async move { renderer.run(s).await.map_err(anyhow::Error::from) });
     }

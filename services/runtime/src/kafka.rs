@@ -68,8 +68,17 @@ pub fn consumer(config: &Config, group: ConsumerGroup, topics: &[Topic]) -> Resu
 pub async fn create_topics(config: &Config, replication: i32) -> Result<Vec<(String, &'static str)>, RuntimeError> {
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
     let names: Vec<(Topic, String)> = Topic::ALL.iter().map(|t| (*t, config.topic(*t))).collect();
-    let new: Vec<NewTopic<'_>> =
-        names.iter().map(|(t, n)| NewTopic::new(n, t.partitions(), TopicReplication::Fixed(replication))).collect();
+    let new: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|(t, n)| {
+            let topic = NewTopic::new(n, t.partitions(), TopicReplication::Fixed(replication));
+            if t.compacted() {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&new, &opts).await?;
     let mut report = Vec::new();

@@ -1,5 +1,13 @@
-//! Template rendering with minijinja: strict about undefined variables, HTML
-//! escaping on in the HTML part.
+//! Templates: compiled once (per batch, or per template version), rendered
+//! per recipient with minijinja. Printing an undefined variable is an error (use
+//! `{{ name | default("friend") }}` for a default; `{% if x %}` on a missing
+//! `x` is false), HTML-escaped in the HTML
+//! part. At compile time a `<style>` block is inlined into `style`
+//! attributes for mail clients that ignore it, and a text part is derived
+//! from the HTML when the template has none.
+//!
+//! Inlining parses the template as HTML, so template tags belong where HTML
+//! allows text or attribute values (not between `<tr>`s of a table).
 
 use std::collections::BTreeMap;
 
@@ -32,6 +40,23 @@ pub struct Templates {
     json: Option<Value>,
 }
 
+/// Width of the text part derived from HTML.
+const TEXT_WIDTH: usize = 78;
+
+/// The HTML with its `<style>` rules moved into `style` attributes.
+fn inline_css(html: &str) -> Result<String, RenderFailure> {
+    if !html.contains("<style") {
+        return Ok(html.to_owned());
+    }
+    let inliner = css_inline::CSSInliner::options().load_remote_stylesheets(false).build();
+    inliner.inline(html).map_err(|e| RenderFailure { code: "css_inline", reason: e.to_string() })
+}
+
+fn text_from_html(html: &str) -> Result<String, RenderFailure> {
+    html2text::from_read(html.as_bytes(), TEXT_WIDTH)
+        .map_err(|e| RenderFailure { code: "text_from_html", reason: e.to_string() })
+}
+
 /// Renders every string inside `value` as a template (no HTML escaping:
 /// the result is JSON, escaped by its serialiser).
 fn render_json(
@@ -56,13 +81,21 @@ const PARTS: [&str; 3] = ["subject.txt", "text.txt", "body.html"];
 impl Templates {
     pub fn compile(content: &Content) -> Result<Templates, RenderFailure> {
         let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Printing a missing variable fails (no silent blanks in mail); testing
+        // one in `{% if %}` is allowed and false.
+        env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
         env.set_auto_escape_callback(|name| if name.ends_with(".html") { AutoEscape::Html } else { AutoEscape::None });
-        let sources = [&content.subject, &content.text, &content.html];
+        let html = content.html.as_deref().map(inline_css).transpose()?;
+        let text = match (&content.text, &html) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(h)) => Some(text_from_html(h)?),
+            (None, None) => None,
+        };
+        let sources = [content.subject.clone(), text, html];
         let mut has = [false; 3];
-        for (i, source) in sources.iter().enumerate() {
+        for (i, source) in sources.into_iter().enumerate() {
             if let Some(src) = source {
-                env.add_template_owned(PARTS[i], src.clone())?;
+                env.add_template_owned(PARTS[i], src)?;
                 has[i] = true;
             }
         }
@@ -103,6 +136,7 @@ mod tests {
 
     fn batch(content: Content) -> RecipientBatch {
         RecipientBatch {
+            template: None,
             batch_index: 0,
             batch_count: 1,
             channel: Channel::Email,
@@ -150,6 +184,29 @@ mod tests {
         vars.insert("state".into(), Value::from("shipped"));
         let r = t.render(&batch(content), "https://hooks.example.com/x", &vars).unwrap();
         assert_eq!(r.json, Some(serde_json::json!({"event": "order.shipped", "n": 3, "tags": ["shipped", "x"]})));
+    }
+
+    #[test]
+    fn style_blocks_are_inlined_and_a_text_part_is_derived() {
+        let content = Content {
+            subject: Some("Hi".into()),
+            html: Some(
+                "<html><head><style>p.greet { color: red; }</style></head><body><p class=\"greet\">Hello {{ name | default(\"friend\") }}</p>{% if vip %}<p>VIP</p>{% endif %}<ul>{% for i in items %}<li>{{ i }}</li>{% endfor %}</ul></body></html>"
+                    .into(),
+            ),
+            ..Content::default()
+        };
+        let t = Templates::compile(&content).unwrap();
+        let mut vars = BTreeMap::new();
+        vars.insert("vip".into(), Value::from(true));
+        vars.insert("items".into(), serde_json::json!(["a", "b"]));
+        let r = t.render(&batch(content), "a@x.io", &vars).unwrap();
+        let html = r.html.unwrap();
+        assert!(html.contains(r#"<p class="greet" style="color: red;">Hello friend</p>"#), "{html}");
+        assert!(html.contains("<li>a</li><li>b</li>") && html.contains("VIP"), "{html}");
+        assert!(!html.contains("<style"), "{html}");
+        let text = r.text.unwrap();
+        assert!(text.contains("Hello friend") && text.contains("VIP"), "{text}");
     }
 
     #[test]
