@@ -74,3 +74,7 @@ summary: ## Print messages by status from the reporting read model
 .PHONY: bench-ingest
 bench-ingest: infra-up ## Ingest throughput and latency per form, as ratios to raw produce (release build)
 	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-ingest
+
+.PHONY: bench-render
+bench-render: infra-up ## Renderer throughput on a 300,000-recipient campaign, as a ratio to raw consume+produce
+	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-render

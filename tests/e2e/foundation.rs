@@ -45,6 +45,14 @@ async fn a_message_is_accepted_delivered_once_and_projected() {
         .find(|l| l.starts_with("ledger_deliveries_total") && l.contains("outcome=\"delivered\""))
         .unwrap_or_else(|| panic!("no delivered counter in:\n{metrics}"));
     assert!(delivered.ends_with(" 1"), "{delivered}");
+    // Every consuming role reports its lag per partition (every 5 s).
+    let lag = eventually("consumer lag series", Duration::from_secs(20), || async {
+        let text = app.http().get(app.url("/metrics")).send().await.ok()?.text().await.ok()?;
+        let groups = ["renderer", "dispatcher", "projector"];
+        groups.iter().all(|g| text.contains(&format!("ledger_consumer_lag_records{{group=\"{g}\""))).then_some(text)
+    })
+    .await;
+    assert!(lag.contains("ledger_render_batch_seconds"), "render latency histogram missing");
 
     // The rendered message reached the provider with its variables merged
     // and escaped in the HTML part.

@@ -17,7 +17,7 @@
 pub mod provider;
 pub mod sink;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use ledger_schemas::{
     ConsumerGroup, Delivered, DeliveryAmbiguous, DeliveryAttempted, DeliveryFailed, Event, EventBody, EventId,
     MessageCancelled, MessageId, MessageRendered, Suppressed, SuppressionReason, Topic,
 };
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
@@ -53,7 +53,7 @@ impl DispatchError {
 
 pub struct Dispatcher {
     config: Config,
-    consumer: StreamConsumer,
+    consumer: kafka::LedgerConsumer,
     producer: FutureProducer,
     ops: PgPool,
     provider: Arc<dyn Provider>,
@@ -126,14 +126,7 @@ impl Dispatcher {
                     }
                 }
             }
-            let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
-            for m in &chunk {
-                let e = last.entry((m.topic().to_owned(), m.partition())).or_insert(m.offset());
-                *e = (*e).max(m.offset());
-            }
-            for ((topic, partition), offset) in last {
-                self.consumer.store_offset(&topic, partition, offset)?;
-            }
+            kafka::store_done(&self.consumer, &chunk)?;
         }
         let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
         tracing::info!("dispatcher stopped");

@@ -19,7 +19,7 @@ use ledger_projections::store::{self, PartitionOffset};
 use ledger_projections::Fold;
 use ledger_runtime::{kafka, Config, RuntimeError, Shutdown};
 use ledger_schemas::{ConsumerGroup, Event, Topic};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
@@ -30,7 +30,7 @@ pub const TOPICS: [Topic; 4] = [Topic::Intents, Topic::Rendered, Topic::Outcomes
 
 pub struct Projector {
     config: Config,
-    consumer: StreamConsumer,
+    consumer: kafka::LedgerConsumer,
     producer: FutureProducer,
     reporting: PgPool,
     /// Key of this projection's rows in `projector_offsets`.
@@ -97,14 +97,7 @@ impl Projector {
                     }
                 }
             }
-            let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
-            for m in &batch {
-                let e = last.entry((m.topic().to_owned(), m.partition())).or_insert(m.offset());
-                *e = (*e).max(m.offset());
-            }
-            for ((topic, partition), offset) in last {
-                self.consumer.store_offset(&topic, partition, offset)?;
-            }
+            kafka::store_done(&self.consumer, &batch)?;
         }
         let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
         tracing::info!("projector stopped");

@@ -18,6 +18,7 @@
 
 pub mod cache;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +29,8 @@ use ledger_schemas::{
     ConsumerGroup, Event, EventBody, EventId, MessageCancelled, MessageId, RecipientBatch, RenderFailed, Topic,
 };
 use ledger_templating::{RenderFailure, Templates};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use sqlx::PgPool;
@@ -57,7 +58,7 @@ impl RenderError {
 
 pub struct Renderer {
     config: Config,
-    consumer: StreamConsumer,
+    consumer: kafka::LedgerConsumer,
     producer: FutureProducer,
     ops: PgPool,
     cache: Arc<TemplateCache>,
@@ -79,7 +80,7 @@ impl Renderer {
         let me = Arc::new(self);
         let follower = tokio::spawn(me.cache.clone().run(shutdown.clone()));
         let scheduler = tokio::spawn(me.clone().schedule_loop(shutdown.clone()));
-        let result = me.consume_loop(&shutdown).await;
+        let result = me.clone().consume_loop(&shutdown).await;
         let _ = follower.await;
         let _ = scheduler.await;
         let _ = me.consumer.commit_consumer_state(CommitMode::Sync);
@@ -87,36 +88,71 @@ impl Renderer {
         result
     }
 
-    async fn consume_loop(&self, shutdown: &Shutdown) -> Result<(), RuntimeError> {
+    /// Records are handled concurrently, up to `IN_FLIGHT` at once, so that
+    /// rendering one batch overlaps waiting for the acks of the previous
+    /// ones; offsets are stored strictly in arrival order, each only when it
+    /// and everything before it is done.
+    async fn consume_loop(self: Arc<Self>, shutdown: &Shutdown) -> Result<(), RuntimeError> {
+        const IN_FLIGHT: usize = 8;
+        let mut pending: VecDeque<(OwnedMessage, tokio::task::JoinHandle<bool>)> = VecDeque::new();
         loop {
-            let message = tokio::select! {
-                _ = shutdown.wait() => return Ok(()),
+            if pending.len() >= IN_FLIGHT || (shutdown.is_triggered() && !pending.is_empty()) {
+                if let Some((message, task)) = pending.pop_front() {
+                    if !task.await.unwrap_or(false) {
+                        // Shut down before its effects were durable: it is
+                        // redelivered, and so is everything after it.
+                        return Ok(());
+                    }
+                    kafka::store_done(&self.consumer, std::slice::from_ref(&message))?;
+                }
+                continue;
+            }
+            if shutdown.is_triggered() {
+                return Ok(());
+            }
+            let next = tokio::select! {
+                _ = shutdown.wait() => continue,
                 m = self.consumer.recv() => m,
+                // Store finished offsets promptly while waiting for records.
+                done = async { pending.front_mut().map(|(_, t)| t).expect("non-empty").await }, if !pending.is_empty() => {
+                    let (message, _) = pending.pop_front().expect("non-empty");
+                    if !done.unwrap_or(false) {
+                        return Ok(());
+                    }
+                    kafka::store_done(&self.consumer, std::slice::from_ref(&message))?;
+                    continue;
+                }
             };
-            let message = match message {
-                Ok(m) => m,
+            let message = match next {
+                Ok(m) => m.detach(),
                 Err(e) => {
                     tracing::warn!(error = %e, "consume failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
             };
-            // A record is retried until its effects are durable: skipping it
-            // would lose recipients.
-            let mut backoff = Duration::from_millis(100);
-            while let Err(e) = self.handle(&message).await {
-                if shutdown.is_triggered() {
-                    return Ok(());
+            let me = self.clone();
+            let task_message = message.clone();
+            let task_shutdown = shutdown.clone();
+            let task = tokio::spawn(async move {
+                // A record is retried until its effects are durable: skipping
+                // it would lose recipients.
+                let mut backoff = Duration::from_millis(100);
+                while let Err(e) = me.handle(&task_message).await {
+                    if task_shutdown.is_triggered() {
+                        return false;
+                    }
+                    tracing::warn!(error = %e, offset = task_message.offset(), "render effects not durable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                tracing::warn!(error = %e, offset = message.offset(), "render effects not durable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            self.consumer.store_offset_from_message(&message)?;
+                true
+            });
+            pending.push_back((message, task));
         }
     }
 
-    async fn handle(&self, message: &BorrowedMessage<'_>) -> Result<(), RenderError> {
+    async fn handle(&self, message: &OwnedMessage) -> Result<(), RenderError> {
         let payload = message.payload().unwrap_or_default();
         let event = match Event::from_json(payload) {
             Ok(e) => e,

@@ -9,12 +9,13 @@ use ledger_schemas::{
     HEADER_EVENT_TYPE,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
 use rdkafka::Message;
 use uuid::Uuid;
 
@@ -43,11 +44,36 @@ pub fn producer(config: &Config) -> Result<FutureProducer, RuntimeError> {
         .create()?)
 }
 
+/// Reports each assigned partition's lag (librdkafka's own statistics,
+/// every 5 s) as `ledger_consumer_lag_records{group,topic,partition}`.
+pub struct LagContext {
+    group: &'static str,
+}
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1: not assigned here, or not known yet.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!("ledger_consumer_lag_records", "group" => self.group, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
+/// The consumers of the ledger's roles.
+pub type LedgerConsumer = StreamConsumer<LagContext>;
+
 /// A consumer in `group`, subscribed to `topics`. Offsets are committed
 /// automatically in the background, but only offsets the caller stored with
 /// `store_offset` after finishing a record: at-least-once.
-pub fn consumer(config: &Config, group: ConsumerGroup, topics: &[Topic]) -> Result<StreamConsumer, RuntimeError> {
-    let consumer: StreamConsumer = base(config)
+pub fn consumer(config: &Config, group: ConsumerGroup, topics: &[Topic]) -> Result<LedgerConsumer, RuntimeError> {
+    let consumer: LedgerConsumer = base(config)
         .set("group.id", config.group(group))
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
@@ -56,11 +82,26 @@ pub fn consumer(config: &Config, group: ConsumerGroup, topics: &[Topic]) -> Resu
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "50")
-        .create()?;
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(LagContext { group: group.base_name() })?;
     let names: Vec<String> = topics.iter().map(|t| config.topic(*t)).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     consumer.subscribe(&refs)?;
     Ok(consumer)
+}
+
+/// Stores, for the next commit, the offsets of a set of records whose
+/// effects are all durable: the highest of each partition.
+pub fn store_done<M: Message>(consumer: &LedgerConsumer, done: &[M]) -> Result<(), KafkaError> {
+    let mut last: std::collections::BTreeMap<(&str, i32), i64> = std::collections::BTreeMap::new();
+    for m in done {
+        let e = last.entry((m.topic(), m.partition())).or_insert(m.offset());
+        *e = (*e).max(m.offset());
+    }
+    for ((topic, partition), offset) in last {
+        consumer.store_offset(topic, partition, offset)?;
+    }
+    Ok(())
 }
 
 /// Creates every ledger topic with its partition count. Topics that exist
