@@ -16,6 +16,8 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::StreamExt;
 use ledger_runtime::kafka;
+#[cfg(test)]
+use ledger_schemas::RecipientBatch;
 use ledger_schemas::{Event, EventBody, EventId, IntentCancelled, IntentId, IntentKind, Recipient, TenantId, Topic};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -260,7 +262,13 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
     };
     let env = Envelope { tenant: &tenant, correlation: &correlation, now: Utc::now() };
     let events = campaign_events(state, &spec, &env, recipients, count as u32, batches);
-    let produced = submit::produce_all(state, submit::IN_FLIGHT_LARGE, futures::stream::iter(events)).await?;
+    let record_key = intent.to_string();
+    let produced = submit::produce_encoded(
+        state,
+        submit::IN_FLIGHT_LARGE,
+        futures::stream::iter(events.map(|e| e.map(|e| (record_key.clone(), e)))),
+    )
+    .await?;
     debug_assert_eq!(produced, u64::from(batches) + 1);
 
     let response = json!({
@@ -279,7 +287,9 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
 }
 
 /// The header, then the recipient batches, cut exactly as counted during
-/// validation.
+/// validation, already encoded. A batch's record is the encoded event with
+/// the recipients' JSON (as validated and spooled) spliced into its empty
+/// `recipients` array: a campaign's recipients are parsed once, not twice.
 fn campaign_events<'a>(
     state: &AppState,
     spec: &'a IntentSpec,
@@ -287,19 +297,24 @@ fn campaign_events<'a>(
     recipients: Recipients,
     count: u32,
     batches: u32,
-) -> Box<dyn Iterator<Item = Result<Event, ApiError>> + Send + 'a> {
-    let mut batcher = Batcher::new(state.config.http.batch_max_recipients, state.config.http.batch_max_bytes);
-    let header = std::iter::once(Ok(spec.header(env, count, batches)));
-    let sized: Box<dyn Iterator<Item = Result<(Recipient, usize), ApiError>> + Send> = match recipients {
-        Recipients::Memory(list) => Box::new(list.into_iter().map(|r| {
-            let size = serde_json::to_vec(&r).map(|v| v.len()).unwrap_or(0);
-            Ok((r, size))
-        })),
-        Recipients::Spool(file) => Box::new(BufReader::with_capacity(1 << 20, file).lines().map(|line| {
-            let line = line.map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
-            let r: Recipient = serde_json::from_str(&line).map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
-            Ok((r, line.len()))
-        })),
+) -> Box<dyn Iterator<Item = Result<kafka::Encoded, ApiError>> + Send + 'a> {
+    let mut batcher: Batcher<Vec<u8>> =
+        Batcher::new(state.config.http.batch_max_recipients, state.config.http.batch_max_bytes);
+    let header = std::iter::once(Ok(kafka::Encoded::from(&spec.header(env, count, batches))));
+    let sized: Box<dyn Iterator<Item = Result<Vec<u8>, ApiError>> + Send> = match recipients {
+        Recipients::Memory(list) => {
+            Box::new(list.into_iter().map(|r| serde_json::to_vec(&r).map_err(|e| ApiError::Internal(e.to_string()))))
+        }
+        Recipients::Spool(file) => Box::new(
+            BufReader::with_capacity(1 << 20, file)
+                .split(b'\n')
+                .map(|line| line.map_err(|e| ApiError::Internal(format!("spool: {e}")))),
+        ),
+    };
+    let batch = move |index: u32, members: Vec<Vec<u8>>| -> Result<kafka::Encoded, ApiError> {
+        let mut encoded = kafka::Encoded::from(&spec.batch(env, index, batches, Vec::new()));
+        splice_recipients(&mut encoded.payload, &members)?;
+        Ok(encoded)
     };
     let mut index = 0u32;
     let mut sized = sized.fuse();
@@ -309,10 +324,11 @@ fn campaign_events<'a>(
             return None;
         }
         match sized.next() {
-            Some(Ok((r, size))) => {
-                if let Some(full) = batcher.push(r, size) {
+            Some(Ok(json)) => {
+                let size = json.len();
+                if let Some(full) = batcher.push(json, size) {
                     index += 1;
-                    return Some(Ok(spec.batch(env, index - 1, batches, full)));
+                    return Some(batch(index - 1, full));
                 }
             }
             Some(Err(e)) => {
@@ -323,11 +339,33 @@ fn campaign_events<'a>(
                 done = true;
                 let rest = std::mem::replace(&mut batcher, Batcher::new(1, 1)).finish()?;
                 index += 1;
-                return Some(Ok(spec.batch(env, index - 1, batches, rest)));
+                return Some(batch(index - 1, rest));
             }
         }
     });
     Box::new(header.chain(body))
+}
+
+/// Fills the empty `"recipients":[]` of an encoded recipient batch. The
+/// last occurrence is the field: everything after it in a batch (the
+/// optional `send_at`) cannot contain the sequence, while inline JSON
+/// content before it could.
+fn splice_recipients(payload: &mut Vec<u8>, members: &[Vec<u8>]) -> Result<(), ApiError> {
+    const EMPTY: &[u8] = b"\"recipients\":[]";
+    let at = payload
+        .windows(EMPTY.len())
+        .rposition(|w| w == EMPTY)
+        .ok_or_else(|| ApiError::Internal("encoded batch has no recipients field".into()))?;
+    let insert_at = at + EMPTY.len() - 1;
+    let mut joined = Vec::with_capacity(members.iter().map(|m| m.len() + 1).sum());
+    for (i, m) in members.iter().enumerate() {
+        if i > 0 {
+            joined.push(b',');
+        }
+        joined.extend_from_slice(m);
+    }
+    payload.splice(insert_at..insert_at, joined);
+    Ok(())
 }
 
 /// The intent if it belongs to `tenant`; otherwise (absent, or another
@@ -381,4 +419,39 @@ async fn cancel_intent(state: &AppState, id: &str, request: Request) -> Result<R
     metrics::counter!("ledger_intents_cancelled_total", "tenant" => tenant.0.clone()).increment(1);
     let response = json!({ "intent_id": intent, "status": "cancelled" });
     Ok(accepted(response, Some(&format!("/v1/intents/{intent}")), false, &correlation))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ledger_schemas::{Channel, Content, Priority};
+
+    #[test]
+    fn spliced_recipients_decode_as_the_batch_serde_would_write() {
+        let spec = IntentSpec {
+            intent: IntentId(Uuid::from_u128(1)),
+            kind: IntentKind::Campaign,
+            name: None,
+            channel: Channel::Webhook,
+            priority: Priority::Bulk,
+            from: None,
+            // Inline JSON content may itself hold the sequence searched for.
+            content: Content { json: Some(json!({ "recipients": [] })), ..Content::default() },
+            template: None,
+            send_at: Some(Utc::now()),
+            request_hash: String::new(),
+        };
+        let tenant = TenantId::parse("acme").unwrap();
+        let env = Envelope { tenant: &tenant, correlation: "c", now: Utc::now() };
+        let members: Vec<Recipient> = (0..3)
+            .map(|i| Recipient { address: format!("https://example.com/{i}"), variables: Default::default() })
+            .collect();
+        let mut encoded = kafka::Encoded::from(&spec.batch(&env, 0, 1, Vec::new()));
+        let json: Vec<Vec<u8>> = members.iter().map(|m| serde_json::to_vec(m).unwrap()).collect();
+        splice_recipients(&mut encoded.payload, &json).unwrap();
+        let decoded = Event::from_json(&encoded.payload).unwrap();
+        assert_eq!(decoded, spec.batch(&env, 0, 1, members));
+        let EventBody::RecipientBatch(RecipientBatch { content, .. }) = decoded.body else { panic!("not a batch") };
+        assert_eq!(content.json, Some(json!({ "recipients": [] })));
+    }
 }

@@ -290,19 +290,26 @@ pub async fn produce_all(
     in_flight: usize,
     events: impl futures::Stream<Item = Result<Event, ApiError>>,
 ) -> Result<u64, ApiError> {
+    // Encoded now, so only bytes wait for the acknowledgement.
+    let encoded = events.map(|event| event.map(|e| (e.intent_id.to_string(), kafka::Encoded::from(&e))));
+    produce_encoded(state, in_flight, encoded).await
+}
+
+/// As [`produce_all`], for events encoded already, with their keys.
+pub async fn produce_encoded(
+    state: &AppState,
+    in_flight: usize,
+    events: impl futures::Stream<Item = Result<(String, kafka::Encoded), ApiError>>,
+) -> Result<u64, ApiError> {
     let config = &state.config;
     let producer = &state.producer;
     let retry_after_secs = config.http.retry_after_secs;
     events
-        .map(|event| {
-            // Encoded now, so only bytes wait for the acknowledgement.
-            let encoded = event.map(|e| (e.intent_id.to_string(), kafka::Encoded::from(&e)));
-            async move {
-                let (key, encoded) = encoded?;
-                kafka::send_encoded(producer, config, Topic::Intents, &key, encoded)
-                    .await
-                    .map_err(|e| ApiError::BrokerUnavailable { detail: e.to_string(), retry_after_secs })
-            }
+        .map(|encoded| async move {
+            let (key, encoded) = encoded?;
+            kafka::send_encoded(producer, config, Topic::Intents, &key, encoded)
+                .await
+                .map_err(|e| ApiError::BrokerUnavailable { detail: e.to_string(), retry_after_secs })
         })
         .buffered(in_flight)
         .try_fold(0u64, |n, ()| async move { Ok(n + 1) })

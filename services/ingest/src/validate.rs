@@ -370,10 +370,35 @@ pub fn check_content(errors: &mut Errors, at: &str, channel: Channel, content: &
         }
     }
     if errors.is_empty() {
-        if let Err(e) = ledger_templating::Templates::compile(content) {
-            errors.add(join(at, "content"), format!("{}: {}", e.code, e.reason));
+        if let Err(e) = compiles(content) {
+            errors.add(join(at, "content"), e);
         }
     }
+}
+
+/// Whether `content` compiles, remembered by content hash: most requests
+/// reuse the content of earlier ones, and compiling (with CSS inlining) is
+/// the dearest part of validation.
+fn compiles(content: &Content) -> Result<(), String> {
+    use sha2::{Digest, Sha256};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    const REMEMBERED: usize = 4096;
+    static SEEN: OnceLock<Mutex<HashMap<[u8; 32], Result<(), String>>>> = OnceLock::new();
+    let key: [u8; 32] = Sha256::digest(serde_json::to_vec(content).unwrap_or_default()).into();
+    let seen = SEEN.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(known) = seen.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return known;
+    }
+    let result =
+        ledger_templating::Templates::compile(content).map(|_| ()).map_err(|e| format!("{}: {}", e.code, e.reason));
+    if let Ok(mut m) = seen.lock() {
+        if m.len() >= REMEMBERED {
+            m.clear();
+        }
+        m.insert(key, result.clone());
+    }
+    result
 }
 
 impl MessageRequest {

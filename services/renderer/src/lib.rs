@@ -93,7 +93,7 @@ impl Renderer {
     /// ones; offsets are stored strictly in arrival order, each only when it
     /// and everything before it is done.
     async fn consume_loop(self: Arc<Self>, shutdown: &Shutdown) -> Result<(), RuntimeError> {
-        const IN_FLIGHT: usize = 8;
+        const IN_FLIGHT: usize = 16;
         let mut pending: VecDeque<(OwnedMessage, tokio::task::JoinHandle<bool>)> = VecDeque::new();
         loop {
             if pending.len() >= IN_FLIGHT || (shutdown.is_triggered() && !pending.is_empty()) {
@@ -371,7 +371,8 @@ fn derived(source: &Event, message_id: MessageId, what: &str, body: EventBody) -
 /// Renders every recipient of `batch`: one `message.rendered` or
 /// `message.render_failed` event each, with derived ids.
 pub fn render_batch(event: &Event, batch: &RecipientBatch, templates: Result<&Templates, RenderFailure>) -> Vec<Event> {
-    batch
+    let mut failed = 0u64;
+    let events: Vec<Event> = batch
         .recipients
         .iter()
         .map(|recipient| {
@@ -379,11 +380,9 @@ pub fn render_batch(event: &Event, batch: &RecipientBatch, templates: Result<&Te
             let address = ledger_schemas::ids::normalise_recipient(&recipient.address);
             let outcome = templates.clone().and_then(|t| t.render(batch, &address, &recipient.variables));
             let (what, body) = match outcome {
-                Ok(rendered) => {
-                    metrics::counter!("ledger_messages_rendered_total", "tenant" => event.tenant_id.0.clone(), "channel" => batch.channel.as_str()).increment(1);
-                    ("rendered", EventBody::MessageRendered(rendered))
-                }
+                Ok(rendered) => ("rendered", EventBody::MessageRendered(rendered)),
                 Err(failure) => {
+                    failed += 1;
                     metrics::counter!("ledger_render_failures_total", "tenant" => event.tenant_id.0.clone(), "channel" => batch.channel.as_str(), "code" => failure.code).increment(1);
                     (
                         "render_failed",
@@ -398,5 +397,9 @@ pub fn render_batch(event: &Event, batch: &RecipientBatch, templates: Result<&Te
             };
             derived(event, message_id, what, body)
         })
-        .collect()
+        .collect();
+    // Counted once per batch: label sets cost an allocation each.
+    metrics::counter!("ledger_messages_rendered_total", "tenant" => event.tenant_id.0.clone(), "channel" => batch.channel.as_str())
+        .increment(events.len() as u64 - failed);
+    events
 }
