@@ -384,7 +384,8 @@ fn compiles(content: &Content) -> Result<(), String> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     const REMEMBERED: usize = 4096;
-    static SEEN: OnceLock<Mutex<HashMap<[u8; 32], Result<(), String>>>> = OnceLock::new();
+    type Verdicts = HashMap<[u8; 32], Result<(), String>>;
+    static SEEN: OnceLock<Mutex<Verdicts>> = OnceLock::new();
     let key: [u8; 32] = Sha256::digest(serde_json::to_vec(content).unwrap_or_default()).into();
     let seen = SEEN.get_or_init(|| Mutex::new(HashMap::new()));
     if let Some(known) = seen.lock().ok().and_then(|m| m.get(&key).cloned()) {
