@@ -177,6 +177,91 @@ impl MessagePatch {
     }
 }
 
+/// What a batch of events says about one delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptPatch {
+    pub message_id: MessageId,
+    pub attempt: i32,
+    pub tenant_id: String,
+    pub intent_id: IntentId,
+    pub provider: Option<String>,
+    pub attempted_at: Option<DateTime<Utc>>,
+    pub outcome: Option<&'static str>,
+    /// In flight 0, retrying 1, ambiguous 2, delivered or failed 3.
+    pub outcome_rank: i16,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl AttemptPatch {
+    fn new(event: &Event, message_id: MessageId, attempt: u32) -> Self {
+        AttemptPatch {
+            message_id,
+            attempt: attempt as i32,
+            tenant_id: event.tenant_id.0.clone(),
+            intent_id: event.intent_id,
+            provider: None,
+            attempted_at: None,
+            outcome: None,
+            outcome_rank: 0,
+            error_code: None,
+            error: None,
+            finished_at: None,
+        }
+    }
+
+    /// Same rules as the SQL upsert: the highest-ranked outcome (with its
+    /// error) wins, times keep the earliest value.
+    pub fn merge(&mut self, other: AttemptPatch) {
+        if (other.outcome_rank, other.outcome) > (self.outcome_rank, self.outcome) {
+            self.outcome_rank = other.outcome_rank;
+            self.outcome = other.outcome;
+            self.error_code = other.error_code;
+            self.error = other.error;
+        }
+        self.provider = smallest(self.provider.take(), other.provider);
+        self.attempted_at = earliest(self.attempted_at, other.attempted_at);
+        self.finished_at = earliest(self.finished_at, other.finished_at);
+    }
+}
+
+fn attempt_patch(event: &Event) -> Option<AttemptPatch> {
+    let id = event.message_id?;
+    let at = Some(event.occurred_at);
+    let p = match &event.body {
+        EventBody::DeliveryAttempted(a) => {
+            let mut p = AttemptPatch::new(event, id, a.attempt);
+            p.provider = Some(a.provider.clone());
+            p.attempted_at = at;
+            p
+        }
+        EventBody::Delivered(d) => {
+            let mut p = AttemptPatch::new(event, id, d.attempt);
+            p.provider = Some(d.provider.clone());
+            (p.outcome, p.outcome_rank, p.finished_at) = (Some("delivered"), 3, at);
+            p
+        }
+        EventBody::DeliveryFailed(f) => {
+            let mut p = AttemptPatch::new(event, id, f.attempt);
+            p.provider = Some(f.provider.clone());
+            let (outcome, rank) = if f.permanent { ("failed", 3) } else { ("retrying", 1) };
+            (p.outcome, p.outcome_rank, p.finished_at) = (Some(outcome), rank, at);
+            (p.error_code, p.error) = (Some(f.code.clone()), Some(f.reason.clone()));
+            p
+        }
+        EventBody::DeliveryAmbiguous(a) => {
+            let mut p = AttemptPatch::new(event, id, a.attempt);
+            p.provider = Some(a.provider.clone());
+            (p.outcome, p.outcome_rank) = (Some("ambiguous"), 2);
+            (p.error_code, p.error) = (Some("ambiguous".into()), Some(a.reason.clone()));
+            p
+        }
+        _ => return None,
+    };
+    Some(p)
+}
+
 /// One row of `intents`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IntentRow {
@@ -213,10 +298,19 @@ pub struct Fold {
     pub dead_letters: Vec<DeadLetterRow>,
     /// Intents cancelled, with the time of the cancellation.
     pub cancelled: HashMap<IntentId, DateTime<Utc>>,
+    pub attempts: HashMap<(MessageId, i32), AttemptPatch>,
 }
 
 impl Fold {
     pub fn add(&mut self, event: &Event) {
+        if let Some(a) = attempt_patch(event) {
+            match self.attempts.get_mut(&(a.message_id, a.attempt)) {
+                Some(existing) => existing.merge(a),
+                None => {
+                    self.attempts.insert((a.message_id, a.attempt), a);
+                }
+            }
+        }
         for patch in patches(event) {
             match self.messages.get_mut(&patch.message_id) {
                 Some(existing) => existing.merge(patch),
@@ -259,7 +353,11 @@ impl Fold {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty() && self.intents.is_empty() && self.dead_letters.is_empty() && self.cancelled.is_empty()
+        self.messages.is_empty()
+            && self.intents.is_empty()
+            && self.dead_letters.is_empty()
+            && self.cancelled.is_empty()
+            && self.attempts.is_empty()
     }
 }
 

@@ -4,7 +4,7 @@
 pub mod fold;
 pub mod store;
 
-pub use fold::{Fold, IntentRow, MessagePatch, Status};
+pub use fold::{AttemptPatch, Fold, IntentRow, MessagePatch, Status};
 pub use store::{apply, AppliedBatch, PartitionOffset, StoreError};
 
 /// Migrations of the reporting database, embedded at compile time.

@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::fold::Fold;
+use chrono::DurationRound;
+
+use crate::fold::{Fold, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -101,6 +103,60 @@ pub async fn save_offsets(
     Ok(())
 }
 
+/// A message's status change in a batch: intent, tenant, status before (none
+/// for a new row), status after, and when it got there.
+type Transition = (Uuid, String, Option<String>, String, DateTime<Utc>);
+
+/// Keeps `intent_status_counts` and `tenant_hourly` in step with the
+/// messages' status transitions of this batch.
+async fn apply_transitions(conn: &mut PgConnection, transitions: &[Transition]) -> Result<(), StoreError> {
+    if transitions.is_empty() {
+        return Ok(());
+    }
+    let mut counts: HashMap<(Uuid, &str, &str), i64> = HashMap::new();
+    let mut hourly: HashMap<(&str, DateTime<Utc>, &str), i64> = HashMap::new();
+    for (intent, tenant, old, new, at) in transitions {
+        if let Some(old) = old {
+            *counts.entry((*intent, tenant, old)).or_default() -= 1;
+        }
+        *counts.entry((*intent, tenant, new)).or_default() += 1;
+        let was_terminal = old.as_deref().and_then(Status::parse).is_some_and(Status::is_terminal);
+        if !was_terminal && Status::parse(new).is_some_and(Status::is_terminal) {
+            let hour = at.duration_trunc(chrono::TimeDelta::hours(1)).unwrap_or(*at);
+            *hourly.entry((tenant, hour, new)).or_default() += 1;
+        }
+    }
+    let mut counts: Vec<_> = counts.into_iter().filter(|(_, n)| *n != 0).collect();
+    counts.sort();
+    sqlx::query(
+        "-- projections::store::apply_transitions (intent_status_counts)
+         INSERT INTO intent_status_counts (intent_id, tenant_id, status, messages)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[])
+         ON CONFLICT (intent_id, status) DO UPDATE SET messages = intent_status_counts.messages + EXCLUDED.messages",
+    )
+    .bind(counts.iter().map(|((i, _, _), _)| *i).collect::<Vec<_>>())
+    .bind(counts.iter().map(|((_, t, _), _)| *t).collect::<Vec<_>>())
+    .bind(counts.iter().map(|((_, _, s), _)| *s).collect::<Vec<_>>())
+    .bind(counts.iter().map(|(_, n)| *n).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    let mut hourly: Vec<_> = hourly.into_iter().collect();
+    hourly.sort();
+    sqlx::query(
+        "-- projections::store::apply_transitions (tenant_hourly)
+         INSERT INTO tenant_hourly (tenant_id, hour, status, messages)
+         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::bigint[])
+         ON CONFLICT (tenant_id, hour, status) DO UPDATE SET messages = tenant_hourly.messages + EXCLUDED.messages",
+    )
+    .bind(hourly.iter().map(|((t, _, _), _)| *t).collect::<Vec<_>>())
+    .bind(hourly.iter().map(|((_, h, _), _)| *h).collect::<Vec<_>>())
+    .bind(hourly.iter().map(|((_, _, s), _)| *s).collect::<Vec<_>>())
+    .bind(hourly.iter().map(|(_, n)| *n).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Upserts the folded rows with the same merge rules as
 /// [`crate::fold::MessagePatch::merge`].
 pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch, StoreError> {
@@ -114,15 +170,35 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                 rows.iter().map($f).collect::<Vec<_>>()
             };
         }
-        let result = sqlx::query(
+        // Each message's status before and after this batch gives its
+        // transition, from which the counts below are kept exactly: a
+        // replayed event changes no status, so it changes no count. The rows
+        // are locked first so that the "before" stays true until commit.
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.message_id.0).collect();
+        let before: HashMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(
+            "-- projections::store::apply (status before)
+             SELECT message_id, status FROM messages WHERE message_id = ANY($1) ORDER BY message_id FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+        let after: Vec<(Uuid, Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
             r#"-- projections::store::apply (messages)
+            WITH input AS (
+                SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                    $7::smallint[], $8::int[], $9::int[], $10::text[], $11::text[], $12::text[],
+                    $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[],
+                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[])
+                AS u(message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
+                     attempts, error_attempt, last_error_code, last_error, provider_message_id,
+                     accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at)
+            )
             INSERT INTO messages (message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
                 attempts, error_attempt, last_error_code, last_error, provider_message_id,
                 accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at)
-            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-                $7::smallint[], $8::int[], $9::int[], $10::text[], $11::text[], $12::text[],
-                $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[],
-                $17::timestamptz[], $18::timestamptz[], $19::timestamptz[])
+            SELECT * FROM input
             ON CONFLICT (message_id) DO UPDATE SET
                 status = CASE WHEN (EXCLUDED.status_rank, EXCLUDED.status COLLATE "C")
                                  > (messages.status_rank, messages.status COLLATE "C")
@@ -142,6 +218,8 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                 failed_at = LEAST(messages.failed_at, EXCLUDED.failed_at),
                 suppressed_at = LEAST(messages.suppressed_at, EXCLUDED.suppressed_at),
                 updated_at = GREATEST(messages.updated_at, EXCLUDED.updated_at)
+            RETURNING message_id, intent_id, tenant_id, status,
+                      COALESCE(delivered_at, failed_at, suppressed_at, updated_at) AS at
             "#
             .replace(
                 "e.wins",
@@ -171,9 +249,56 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         .bind(col!(|r| r.failed_at))
         .bind(col!(|r| r.suppressed_at))
         .bind(col!(|r| r.updated_at))
+        .fetch_all(&mut *conn)
+        .await?;
+        applied.messages = rows.len() as u64;
+        let transitions: Vec<Transition> = after
+            .into_iter()
+            .filter_map(|(message, intent, tenant, status, at)| {
+                let old = before.get(&message).cloned();
+                (old.as_deref() != Some(status.as_str())).then_some((intent, tenant, old, status, at))
+            })
+            .collect();
+        apply_transitions(conn, &transitions).await?;
+    }
+    if !fold.attempts.is_empty() {
+        let mut rows: Vec<_> = fold.attempts.values().collect();
+        rows.sort_by_key(|r| (r.message_id, r.attempt));
+        sqlx::query(
+            r#"-- projections::store::apply (delivery_attempts)
+            INSERT INTO delivery_attempts (message_id, attempt, tenant_id, intent_id, provider, attempted_at,
+                outcome, outcome_rank, error_code, error, finished_at)
+            SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::uuid[], $5::text[], $6::timestamptz[],
+                $7::text[], $8::smallint[], $9::text[], $10::text[], $11::timestamptz[])
+            ON CONFLICT (message_id, attempt) DO UPDATE SET
+                provider = LEAST(delivery_attempts.provider COLLATE "C", EXCLUDED.provider COLLATE "C"),
+                attempted_at = LEAST(delivery_attempts.attempted_at, EXCLUDED.attempted_at),
+                finished_at = LEAST(delivery_attempts.finished_at, EXCLUDED.finished_at),
+                outcome = CASE WHEN o.wins THEN EXCLUDED.outcome ELSE delivery_attempts.outcome END,
+                error_code = CASE WHEN o.wins THEN EXCLUDED.error_code ELSE delivery_attempts.error_code END,
+                error = CASE WHEN o.wins THEN EXCLUDED.error ELSE delivery_attempts.error END,
+                outcome_rank = GREATEST(delivery_attempts.outcome_rank, EXCLUDED.outcome_rank)
+            "#
+            .replace(
+                "o.wins",
+                r#"((EXCLUDED.outcome_rank, COALESCE(EXCLUDED.outcome, '') COLLATE "C")
+                  > (delivery_attempts.outcome_rank, COALESCE(delivery_attempts.outcome, '') COLLATE "C"))"#,
+            )
+            .as_str(),
+        )
+        .bind(rows.iter().map(|r| r.message_id.0).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.attempt).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tenant_id.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.intent_id.0).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.provider.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.attempted_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.outcome).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.outcome_rank).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.error_code.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.error.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
-        applied.messages = result.rows_affected();
     }
     if !fold.intents.is_empty() {
         let rows: Vec<_> = fold.intents.values().collect();

@@ -5,3 +5,4 @@ mod foundation;
 mod ingest;
 mod projection;
 mod rendering;
+mod reporting;
