@@ -34,6 +34,11 @@ build: ## Build the ledger binary
 setup: infra-up build ## Infra up, databases migrated, topics created
 	$(WITH_ENV) $(LEDGER) db migrate
 	$(WITH_ENV) $(LEDGER) topics create
+	@# A freshly started memory broker holds an empty log; the databases'
+	@# state of the previous log would make the projector skip the new one.
+	@if [[ -f .local/broker/fresh-log ]]; then \
+	  $(WITH_ENV) $(LEDGER) db reset --yes && rm -f .local/broker/fresh-log; \
+	fi
 
 .PHONY: run
 run: setup ## Run every role on local defaults, submit a demo, serve until Ctrl-C

@@ -58,6 +58,9 @@ up() {
       --advertised-listener-url "tcp://127.0.0.1:$PORT" \
       --storage-engine "$engine" >tansu.log 2>&1 &
     echo $! >tansu.pid
+    # A new memory broker is an empty log: whatever the databases remember
+    # of an earlier log is stale (see `make setup`).
+    if [[ $STORAGE == memory ]]; then touch fresh-log; else rm -f fresh-log; fi
   )
   # Wait for the port, not a fixed sleep; `ledger topics create` then waits
   # for a Kafka metadata answer before it creates anything.

@@ -83,7 +83,7 @@ pub async fn run(config: &Config, addr: SocketAddr, count: u32, shutdown: &Shutd
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     println!(
-        "demo: all {count} messages terminal in the read model after {:.2}s\n\n{}",
+        "demo: all {count} messages terminal in the read model after {:.2}s\n\nthe read model, every run so far:\n{}",
         started.elapsed().as_secs_f64(),
         summary(&reporting).await?
     );

@@ -78,6 +78,14 @@ enum TopicsCommand {
 enum DbCommand {
     /// Create the databases if missing and apply every migration.
     Migrate,
+    /// Delete every intent, claim and read-model row (tenants and templates
+    /// stay): for a development log that was started afresh. Refused in
+    /// production mode.
+    Reset {
+        /// Do it without asking.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -131,6 +139,31 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             .await
             .context("migrating the databases")?;
             println!("migrated {} and {}", redact(&config.ops_database_url), redact(&config.reporting_database_url));
+            Ok(())
+        }
+        Command::Db { command: DbCommand::Reset { yes } } => {
+            if config.mode == ledger_runtime::Mode::Production {
+                anyhow::bail!("ledger db reset is refused in production mode");
+            }
+            if !yes {
+                anyhow::bail!("ledger db reset deletes every intent, claim and read-model row; add --yes to do it");
+            }
+            let ops = ledger_runtime::db::pool(&config.ops_database_url, 1).await?;
+            sqlx::query(
+                "-- ledger::db_reset (operational)
+                 TRUNCATE idempotency_keys, intents, cancelled_intents, delivery_claims, scheduled_batches",
+            )
+            .execute(&ops)
+            .await?;
+            let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 1).await?;
+            sqlx::query(
+                "-- ledger::db_reset (read model)
+                 TRUNCATE messages, intents, intent_cancellations, dead_letters, projector_offsets,
+                          delivery_attempts, intent_status_counts, tenant_hourly",
+            )
+            .execute(&reporting)
+            .await?;
+            println!("reset the operational store and the read model for a fresh log");
             Ok(())
         }
         Command::Tenants { command: TenantsCommand::Create { name } } => {
