@@ -83,3 +83,7 @@ bench-ingest: infra-up ## Ingest throughput and latency per form, as ratios to r
 .PHONY: bench-render
 bench-render: infra-up ## Renderer throughput on a 300,000-recipient campaign, as a ratio to raw consume+produce
 	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-render
+
+.PHONY: bench-project
+bench-project: infra-up ## Projection rows/s as a ratio to raw binary COPY into the same table
+	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-project

@@ -1,0 +1,228 @@
+//! `make bench-project`: the projection's write path (folds + UNNEST upserts
+//! + offsets, one transaction per batch, as the projector runs it) on
+//! 100,000 messages' lifecycles, as a ratio to raw binary COPY of the same
+//! number of full message rows into a copy of the same table, in the same
+//! run and database.
+//!
+//! Prints a table and writes bench-out/project.{json,md}.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use ledger_projections::store::{self, PartitionOffset};
+use ledger_projections::Fold;
+use ledger_schemas::*;
+use ledger_tests::*;
+use serde_json::json;
+use uuid::Uuid;
+
+const MESSAGES: usize = 100_000;
+const BATCH_EVENTS: usize = 5_000;
+
+fn lifecycle_events() -> Vec<Event> {
+    let tenant = TenantId("acme".into());
+    let intent = IntentId(Uuid::new_v4());
+    let ev = |body, message_id: Option<MessageId>, what: &str, seq: u32| Event {
+        event_id: EventId::derive(message_id.map(|m| m.0).unwrap_or(intent.0), what, seq),
+        body,
+        tenant_id: tenant.clone(),
+        intent_id: intent,
+        message_id,
+        occurred_at: Utc::now(),
+        correlation_id: "bench".into(),
+    };
+    let address = |i: usize| format!("c{i}@example.com");
+    let mut events = Vec::new();
+    for b in 0..MESSAGES / 1000 {
+        let recipients = (b * 1000..(b + 1) * 1000)
+            .map(|i| Recipient { address: address(i), variables: Default::default() })
+            .collect();
+        events.push(ev(
+            EventBody::RecipientBatch(RecipientBatch {
+                batch_index: b as u32,
+                batch_count: (MESSAGES / 1000) as u32,
+                channel: Channel::Email,
+                priority: Priority::Bulk,
+                from: None,
+                content: Content::default(),
+                template: None,
+                recipients,
+                send_at: None,
+            }),
+            None,
+            "batch",
+            b as u32,
+        ));
+    }
+    for stage in 0..3 {
+        for i in 0..MESSAGES {
+            let id = MessageId::derive(intent, &address(i));
+            let (body, what) = match stage {
+                0 => (
+                    EventBody::MessageRendered(MessageRendered {
+                        channel: Channel::Email,
+                        priority: Priority::Bulk,
+                        recipient: address(i),
+                        from: None,
+                        subject: Some("s".into()),
+                        text: None,
+                        html: None,
+                        json: None,
+                    }),
+                    "rendered",
+                ),
+                1 => (
+                    EventBody::DeliveryAttempted(DeliveryAttempted {
+                        attempt: 1,
+                        channel: Channel::Email,
+                        recipient: address(i),
+                        provider: "sink".into(),
+                    }),
+                    "attempted",
+                ),
+                _ => (
+                    EventBody::Delivered(Delivered {
+                        attempt: 1,
+                        provider: "sink".into(),
+                        provider_message_id: Some(format!("p{i}")),
+                    }),
+                    "delivered",
+                ),
+            };
+            events.push(ev(body, Some(id), what, 1));
+        }
+    }
+    events
+}
+
+fn push_field(buf: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        Some(b) => {
+            buf.extend_from_slice(&(b.len() as i32).to_be_bytes());
+            buf.extend_from_slice(b);
+        }
+        None => buf.extend_from_slice(&(-1i32).to_be_bytes()),
+    }
+}
+
+fn pg_time(t: DateTime<Utc>) -> [u8; 8] {
+    let epoch_2000 = 946_684_800_000_000i64;
+    (t.timestamp_micros() - epoch_2000).to_be_bytes()
+}
+
+/// PostgreSQL's binary COPY format for `MESSAGES` full `messages` rows.
+fn copy_rows() -> Vec<u8> {
+    let mut buf = Vec::with_capacity(MESSAGES * 300);
+    buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.extend_from_slice(&0i32.to_be_bytes());
+    buf.extend_from_slice(&0i32.to_be_bytes());
+    let intent = Uuid::new_v4();
+    let now = pg_time(Utc::now());
+    for i in 0..MESSAGES {
+        buf.extend_from_slice(&19i16.to_be_bytes());
+        let id = Uuid::new_v4();
+        push_field(&mut buf, Some(id.as_bytes()));
+        push_field(&mut buf, Some(b"acme"));
+        push_field(&mut buf, Some(intent.as_bytes()));
+        push_field(&mut buf, Some(b"email"));
+        push_field(&mut buf, Some(format!("c{i}@example.com").as_bytes()));
+        push_field(&mut buf, Some(b"delivered"));
+        push_field(&mut buf, Some(&50i16.to_be_bytes()));
+        push_field(&mut buf, Some(&1i32.to_be_bytes()));
+        push_field(&mut buf, Some(&0i32.to_be_bytes()));
+        push_field(&mut buf, None);
+        push_field(&mut buf, None);
+        push_field(&mut buf, Some(format!("p{i}").as_bytes()));
+        for _ in 0..4 {
+            push_field(&mut buf, Some(&now));
+        }
+        push_field(&mut buf, None);
+        push_field(&mut buf, None);
+        push_field(&mut buf, Some(&now));
+    }
+    buf.extend_from_slice(&(-1i16).to_be_bytes());
+    buf
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let config = test_config();
+    ledger_runtime::db::migrate(
+        &config.ops_database_url,
+        &config.reporting_database_url,
+        &ledger_projections::MIGRATOR,
+    )
+    .await
+    .expect("migrate");
+    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+
+    // Raw: binary COPY of full rows into a copy of the table.
+    sqlx::query("CREATE TABLE messages_copy (LIKE messages INCLUDING ALL)").execute(&pool).await.expect("copy table");
+    let rows = copy_rows();
+    let mut conn = pool.acquire().await.expect("conn");
+    let started = Instant::now();
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY messages_copy (message_id, tenant_id, intent_id, channel, recipient, status, status_rank, attempts, error_attempt,
+             last_error_code, last_error, provider_message_id, accepted_at, rendered_at, first_attempt_at, delivered_at,
+             failed_at, suppressed_at, updated_at) FROM STDIN (FORMAT binary)",
+        )
+        .await
+        .expect("copy in");
+    copy.send(rows).await.expect("send");
+    let copied = copy.finish().await.expect("finish");
+    let copy_secs = started.elapsed().as_secs_f64();
+    assert_eq!(copied as usize, MESSAGES);
+    drop(conn);
+
+    // The projection: each batch folded and applied with its offsets in one
+    // transaction; every message's row is written once per stage.
+    let events = lifecycle_events();
+    let total_events = events.len();
+    let started = Instant::now();
+    let mut row_writes = 0u64;
+    for (n, chunk) in events.chunks(BATCH_EVENTS).enumerate() {
+        let mut fold = Fold::default();
+        chunk.iter().for_each(|e| fold.add(e));
+        let mut tx = pool.begin().await.expect("tx");
+        let parts = vec![("bench.topic".to_owned(), 0)];
+        store::lock_offsets(&mut tx, "bench", &parts).await.expect("lock");
+        row_writes += store::apply(&mut tx, &fold).await.expect("apply").messages;
+        let next = ((n + 1) * BATCH_EVENTS) as i64;
+        store::save_offsets(
+            &mut tx,
+            "bench",
+            &[PartitionOffset { topic: "bench.topic".into(), partition: 0, next_offset: next }],
+        )
+        .await
+        .expect("offsets");
+        tx.commit().await.expect("commit");
+    }
+    let project_secs = started.elapsed().as_secs_f64();
+    let delivered: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE status = 'delivered'")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(delivered as usize, MESSAGES);
+
+    let copy_rate = MESSAGES as f64 / copy_secs;
+    let project_rate = row_writes as f64 / project_secs;
+    let md = format!(
+        "| path | rows | seconds | rows/s | ratio to COPY |\n|---|---:|---:|---:|---:|\n\
+         | raw binary COPY (full message rows) | {MESSAGES} | {copy_secs:.2} | {copy_rate:.0} | 1.00 |\n\
+         | projection ({total_events} events, batches of {BATCH_EVENTS}, rows + counts + attempts + offsets per transaction) | {row_writes} | {project_secs:.2} | {project_rate:.0} | {:.2} |\n",
+        project_rate / copy_rate
+    );
+    println!("\nprojection benchmark (debug = {}):\n\n{md}", cfg!(debug_assertions));
+    std::fs::create_dir_all("bench-out").expect("bench-out");
+    std::fs::write("bench-out/project.md", &md).expect("write");
+    std::fs::write(
+        "bench-out/project.json",
+        serde_json::to_string_pretty(&json!({ "copy_rows_per_s": copy_rate, "projection_rows_per_s": project_rate,
+            "ratio": project_rate / copy_rate, "events": total_events, "row_writes": row_writes, "measured_at": Utc::now() }))
+        .expect("json"),
+    )
+    .expect("write");
+    pool.close().await;
+    drop_databases(&config).await;
+}
