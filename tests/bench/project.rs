@@ -1,5 +1,5 @@
-//! `make bench-project`: the projection's write path (folds + UNNEST upserts
-//! + offsets, one transaction per batch, as the projector runs it) on
+//! `make bench-project`: the projection's write path (folds, UNNEST upserts
+//! and offsets, one transaction per batch, as the projector runs it) on
 //! 100,000 messages' lifecycles, as a ratio to raw binary COPY of the same
 //! number of full message rows into a copy of the same table, in the same
 //! run and database.
