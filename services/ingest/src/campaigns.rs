@@ -24,7 +24,9 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::problem::{ApiError, FieldError};
-use crate::request::{authenticate, body_kind, canonical_hash, correlation_id, idempotency_key, read_body, BodyKind};
+use crate::request::{
+    authenticate, body_kind, canonical_hash, correlation_id, read_body, submission, BodyKind, Submission,
+};
 use crate::submit::{self, Batcher, Claim, Envelope, IntentSpec};
 use crate::validate::{self, CampaignHeader, CampaignRequest, CancelRequest, Errors};
 use crate::{accepted, templates, AppState};
@@ -222,11 +224,8 @@ async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError>
 }
 
 async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let tenant = authenticate(state, &parts.headers).await?;
-    let key = idempotency_key(&parts.headers)?;
-    let correlation = correlation_id(&parts.headers);
-    let checked = match body_kind(&parts.headers) {
+    let Submission { tenant, key, correlation, headers, body } = submission(state, request).await?;
+    let checked = match body_kind(&headers) {
         Some(BodyKind::Json) => check_json(state, &read_body(body, state.config.http.max_campaign_json_bytes).await?)?,
         Some(BodyKind::Ndjson) => check_ndjson(state, body).await?,
         None => return Err(ApiError::UnsupportedMediaType("application/json or application/x-ndjson")),

@@ -9,7 +9,7 @@ use ledger_schemas::{IntentId, IntentKind, MessageId, Recipient, TemplateRef};
 use serde_json::{json, Value};
 
 use crate::problem::{ApiError, FieldError};
-use crate::request::{authenticate, canonical_hash, correlation_id, idempotency_key, read_body, require_json};
+use crate::request::{canonical_hash, json_body, submission, Submission};
 use crate::submit::{self, Claim, Envelope, IntentSpec};
 use crate::validate::{self, BatchRequest, Errors, MessageRequest};
 use crate::{accepted, templates, AppState};
@@ -50,12 +50,8 @@ fn message_events(spec: &IntentSpec, env: &Envelope<'_>, m: &MessageRequest) -> 
 }
 
 async fn single(state: &AppState, request: Request) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let tenant = authenticate(state, &parts.headers).await?;
-    let key = idempotency_key(&parts.headers)?;
-    let correlation = correlation_id(&parts.headers);
-    require_json(&parts.headers)?;
-    let bytes = read_body(body, state.config.http.max_body_bytes).await?;
+    let Submission { tenant, key, correlation, headers, body } = submission(state, request).await?;
+    let bytes = json_body(&headers, body, state.config.http.max_body_bytes).await?;
     let message: MessageRequest = validate::parse(&bytes)?;
     message.validate()?;
     let template = match &message.template {
@@ -94,12 +90,8 @@ async fn single(state: &AppState, request: Request) -> Result<Response, ApiError
 }
 
 async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let tenant = authenticate(state, &parts.headers).await?;
-    let key = idempotency_key(&parts.headers)?;
-    let correlation = correlation_id(&parts.headers);
-    require_json(&parts.headers)?;
-    let bytes = read_body(body, state.config.http.max_body_bytes).await?;
+    let Submission { tenant, key, correlation, headers, body } = submission(state, request).await?;
+    let bytes = json_body(&headers, body, state.config.http.max_body_bytes).await?;
     let request: BatchRequest = validate::parse(&bytes)?;
     let max = state.config.http.max_batch_messages;
     if request.messages.is_empty() || request.messages.len() > max {

@@ -22,6 +22,30 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Tenan
     state.auth.tenant(&state.ops, key.trim()).await?.ok_or(ApiError::Unauthorized)
 }
 
+/// What every submission starts with: who asks, under which key, with
+/// which correlation id; the body is left to the endpoint.
+pub struct Submission {
+    pub tenant: TenantId,
+    pub key: String,
+    pub correlation: String,
+    pub headers: HeaderMap,
+    pub body: Body,
+}
+
+pub async fn submission(state: &AppState, request: axum::extract::Request) -> Result<Submission, ApiError> {
+    let (parts, body) = request.into_parts();
+    let tenant = authenticate(state, &parts.headers).await?;
+    let key = idempotency_key(&parts.headers)?;
+    let correlation = correlation_id(&parts.headers);
+    Ok(Submission { tenant, key, correlation, headers: parts.headers, body })
+}
+
+/// A submission's JSON body, refused unless it is JSON and within `limit`.
+pub async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    require_json(headers)?;
+    read_body(body, limit).await
+}
+
 pub fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     let value = headers.get(HEADER_IDEMPOTENCY_KEY).ok_or_else(|| ApiError::IdempotencyKey("it is missing".into()))?;
     let key = value.to_str().map_err(|_| ApiError::IdempotencyKey("it must be printable ASCII".into()))?.trim();
