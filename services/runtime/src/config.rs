@@ -213,6 +213,11 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// `LEDGER_*` variables that are not configuration: the test suite's
+/// (`LEDGER_TEST_*`) and the infra scripts' (`LEDGER_BROKER_*`,
+/// `LEDGER_PG_*`).
+const NOT_CONFIG: [&str; 3] = ["test_", "broker_", "pg_"];
+
 impl Config {
     /// Defaults, then the file named by `LEDGER_CONFIG` (if set), then the
     /// environment.
@@ -226,9 +231,11 @@ impl Config {
         }
         let config: Config = figment
             .merge(
-                // LEDGER_CONFIG names the file; LEDGER_TEST_* belong to the test suite.
                 Env::prefixed("LEDGER_")
-                    .filter(|k| k != "config" && !k.as_str().to_ascii_lowercase().starts_with("test_"))
+                    .filter(|k| {
+                        let k = k.as_str().to_ascii_lowercase();
+                        k != "config" && !NOT_CONFIG.iter().any(|p| k.starts_with(p))
+                    })
                     .split("__"),
             )
             .extract()
@@ -303,6 +310,21 @@ mod tests {
             .merge(Toml::string("[kafka]\nbrokerz = \"x\""))
             .extract();
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn the_environment_overrides_and_infra_variables_are_not_mistaken_for_config() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LEDGER_KAFKA__BROKERS", "kafka:9092");
+            jail.set_env("LEDGER_BROKER_PORT", "19092");
+            jail.set_env("LEDGER_PG_URL", "postgres://x");
+            jail.set_env("LEDGER_TEST_BROKERS", "y");
+            let c = Config::load().map_err(|e| e.to_string())?;
+            assert_eq!(c.kafka.brokers, "kafka:9092");
+            jail.set_env("LEDGER_KAFKA__BROKERZ", "typo");
+            assert!(Config::load().is_err(), "a typo must be refused");
+            Ok(())
+        });
     }
 
     #[test]
