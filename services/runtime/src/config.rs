@@ -313,6 +313,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's signature, not ours
     fn the_environment_overrides_and_infra_variables_are_not_mistaken_for_config() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("LEDGER_KAFKA__BROKERS", "kafka:9092");
