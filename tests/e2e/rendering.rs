@@ -81,7 +81,7 @@ async fn a_scheduled_campaign_waits_without_blocking_others_and_keeps_its_pinned
     let app = spawn_app().await;
     let v1 = json!({ "name": "news", "content": { "subject": "Version one for {{ name }}", "text": "one" } });
     assert_eq!(publish(&app, v1).await.body["version"], 1);
-    let send_at = Utc::now() + chrono::Duration::seconds(4);
+    let send_at = Utc::now() + chrono::Duration::seconds(6);
     let campaign = app
         .post("/v1/campaigns", Some("sched"), &json!({ "template": { "name": "news" }, "send_at": send_at,
             "recipients": (0..3).map(|i| json!({ "address": format!("s{i}@example.com"), "variables": { "name": format!("S{i}") } })).collect::<Vec<_>>() }))
