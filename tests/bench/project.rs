@@ -16,6 +16,11 @@ use ledger_tests::*;
 use serde_json::json;
 use uuid::Uuid;
 
+/// glibc's allocator spends a quarter of the renderer's time in arena
+/// locks and consolidation (perf); mimalloc does not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const MESSAGES: usize = 100_000;
 const BATCH_EVENTS: usize = 5_000;
 
