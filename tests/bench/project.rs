@@ -151,15 +151,7 @@ fn copy_rows() -> Vec<u8> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let config = test_config();
-    ledger_runtime::db::migrate(
-        &config.ops_database_url,
-        &config.reporting_database_url,
-        &ledger_projections::MIGRATOR,
-    )
-    .await
-    .expect("migrate");
-    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+    let (config, pool) = reporting_database().await;
 
     // Raw: binary COPY of full rows into a copy of the table.
     sqlx::query("CREATE TABLE messages_copy (LIKE messages INCLUDING ALL)").execute(&pool).await.expect("copy table");

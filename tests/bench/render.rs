@@ -15,6 +15,7 @@ use ledger_schemas::{
     Topic,
 };
 use ledger_tests::*;
+use rdkafka::config::FromClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
@@ -71,12 +72,13 @@ fn batches(intent: IntentId) -> Vec<Event> {
         .collect()
 }
 
-fn reader(config: &Config, topic: Topic) -> StreamConsumer {
-    let consumer: StreamConsumer = ClientConfig::new()
+/// A consumer of every partition of `topic` from the beginning, in no group.
+fn assigned<C: FromClientConfig + Consumer>(config: &Config, topic: Topic) -> C {
+    let consumer: C = ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", "20")
         .create()
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
@@ -91,18 +93,7 @@ fn reader(config: &Config, topic: Topic) -> StreamConsumer {
 /// did. A plain polling consumer on a thread of its own: it reads several
 /// times faster than either side writes, so it bounds neither.
 async fn count_until(config: &Config, topic: Topic, n: usize) -> Instant {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..topic.partitions() {
-        tpl.add_partition_offset(&config.topic(topic), p, Offset::Beginning).expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
+    let consumer: BaseConsumer = assigned(config, topic);
     let name = config.topic(topic);
     tokio::task::spawn_blocking(move || {
         let mut seen = 0;
@@ -171,7 +162,7 @@ async fn main() {
     raw_config.kafka.topic_prefix = format!("raw{}", &config.kafka.topic_prefix[1..]);
     prepare(&raw_config).await.expect("raw topics");
     let payload = vec![b'x'; rendered_size];
-    let input_reader = reader(&config, Topic::Intents);
+    let input_reader: StreamConsumer = assigned(&config, Topic::Intents);
     let started = Instant::now();
     // Both sides end when a reader has seen their last output record, so
     // both pay for the same reader.

@@ -104,15 +104,7 @@ async fn apply_one_by_one(pool: &sqlx::PgPool, events: &[Event]) {
 
 #[tokio::test]
 async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
-    let config = test_config();
-    ledger_runtime::db::migrate(
-        &config.ops_database_url,
-        &config.reporting_database_url,
-        &ledger_projections::MIGRATOR,
-    )
-    .await
-    .expect("migrate");
-    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+    let (config, pool) = reporting_database().await;
 
     let events = events();
     apply_one_by_one(&pool, &events).await;
@@ -143,15 +135,7 @@ async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
 
 #[tokio::test]
 async fn offsets_are_locked_and_saved_with_the_rows() {
-    let config = test_config();
-    ledger_runtime::db::migrate(
-        &config.ops_database_url,
-        &config.reporting_database_url,
-        &ledger_projections::MIGRATOR,
-    )
-    .await
-    .expect("migrate");
-    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+    let (config, pool) = reporting_database().await;
     let parts = vec![("t.outcomes".to_owned(), 3)];
     let mut tx = pool.begin().await.expect("tx");
     assert_eq!(store::lock_offsets(&mut tx, "p", &parts).await.expect("lock")[&parts[0]], 0);

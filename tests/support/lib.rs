@@ -81,6 +81,21 @@ pub async fn prepare(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A migrated reporting database of its own (and its configuration, for
+/// `drop_databases`), without broker or roles.
+pub async fn reporting_database() -> (Config, PgPool) {
+    let config = test_config();
+    ledger_runtime::db::migrate(
+        &config.ops_database_url,
+        &config.reporting_database_url,
+        &ledger_projections::MIGRATOR,
+    )
+    .await
+    .expect("migrate");
+    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+    (config, pool)
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(test_config()).await
 }
