@@ -122,11 +122,6 @@ impl EventKind {
         }
     }
 
-    /// The version number carried in the type name.
-    pub fn version(self) -> u32 {
-        1
-    }
-
     pub fn from_type_name(name: &str) -> Option<EventKind> {
         EventKind::ALL.into_iter().find(|k| k.type_name() == name)
     }
