@@ -512,6 +512,7 @@ mod tests {
                     channel: Channel::Email,
                     recipient: "a@x.io".into(),
                     provider: "sink".into(),
+                    identity: None,
                 }),
             ),
             ev(
@@ -522,6 +523,8 @@ mod tests {
                     code: "timeout".into(),
                     reason: "timed out".into(),
                     permanent: false,
+                    identity: None,
+                    retry_at: None,
                 }),
             ),
             ev(
@@ -531,6 +534,7 @@ mod tests {
                     channel: Channel::Email,
                     recipient: "a@x.io".into(),
                     provider: "sink".into(),
+                    identity: None,
                 }),
             ),
             ev(
@@ -539,6 +543,7 @@ mod tests {
                     attempt: 2,
                     provider: "sink".into(),
                     provider_message_id: Some("p".into()),
+                    identity: None,
                 }),
             ),
         ]

@@ -373,6 +373,9 @@ pub struct DeliveryAttempted {
     pub channel: Channel,
     pub recipient: String,
     pub provider: String,
+    /// The sender identity (provider account) the attempt went through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -380,6 +383,9 @@ pub struct DeliveryAttempted {
 pub struct Delivered {
     pub attempt: u32,
     pub provider: String,
+    /// The sender identity (provider account) the attempt went through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider_message_id: Option<String>,
 }
@@ -393,6 +399,12 @@ pub struct DeliveryFailed {
     pub reason: String,
     /// Permanent failures are terminal; others may be retried.
     pub permanent: bool,
+    /// The sender identity (provider account) the attempt went through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// When the next attempt is due, for a failure that will be retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
 }
 
 /// An attempt whose outcome is unknown (the dispatcher stopped between the
@@ -404,6 +416,9 @@ pub struct DeliveryAmbiguous {
     pub attempt: u32,
     pub provider: String,
     pub reason: String,
+    /// The sender identity (provider account) the attempt went through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -498,6 +513,7 @@ mod tests {
                 attempt: 1,
                 provider: "sink".into(),
                 provider_message_id: Some("p-1".into()),
+                identity: None,
             }),
             tenant_id: TenantId::parse("acme").unwrap(),
             intent_id: IntentId(Uuid::from_u128(2)),

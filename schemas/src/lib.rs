@@ -13,7 +13,7 @@ pub use events::{
     Event, EventBody, EventKind, IntentAccepted, IntentCancelled, IntentKind, MessageCancelled, MessageRendered,
     Priority, Recipient, RecipientBatch, RenderFailed, Suppressed, SuppressionReason, TemplatePublished, TemplateRef,
 };
-pub use ids::{EventId, IntentId, MessageId, TenantId};
+pub use ids::{normalise_recipient, EventId, IntentId, MessageId, TenantId};
 pub use topics::{ConsumerGroup, Topic};
 
 /// Kafka header carrying the event type (`intent.accepted.v1`, ...), so a
@@ -21,3 +21,7 @@ pub use topics::{ConsumerGroup, Topic};
 pub const HEADER_EVENT_TYPE: &str = "ledger-event-type";
 /// Kafka header carrying the correlation id of the request that caused it.
 pub const HEADER_CORRELATION_ID: &str = "ledger-correlation-id";
+/// On a retries record: the attempt it is for.
+pub const HEADER_ATTEMPT: &str = "ledger-attempt";
+/// On a retries record: when the attempt is due (RFC 3339).
+pub const HEADER_NOT_BEFORE: &str = "ledger-not-before";

@@ -68,6 +68,8 @@ impl Topic {
 pub enum ConsumerGroup {
     Renderer,
     Dispatcher,
+    /// The dispatcher's consumer of the retries topic.
+    DispatcherRetries,
     Projector,
 }
 
@@ -76,6 +78,7 @@ impl ConsumerGroup {
         match self {
             ConsumerGroup::Renderer => "renderer",
             ConsumerGroup::Dispatcher => "dispatcher",
+            ConsumerGroup::DispatcherRetries => "dispatcher-retries",
             ConsumerGroup::Projector => "projector",
         }
     }

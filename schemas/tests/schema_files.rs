@@ -117,11 +117,13 @@ fn samples() -> Vec<Event> {
             channel: Channel::Email,
             recipient: "x@y.z".into(),
             provider: "sink".into(),
+            identity: None,
         })),
         sample(EventBody::Delivered(Delivered {
             attempt: 1,
             provider: "sink".into(),
             provider_message_id: Some("p".into()),
+            identity: None,
         })),
         sample(EventBody::DeliveryFailed(DeliveryFailed {
             attempt: 1,
@@ -129,11 +131,14 @@ fn samples() -> Vec<Event> {
             code: "rejected".into(),
             reason: "no".into(),
             permanent: true,
+            identity: None,
+            retry_at: None,
         })),
         sample(EventBody::DeliveryAmbiguous(DeliveryAmbiguous {
             attempt: 1,
             provider: "sink".into(),
             reason: "r".into(),
+            identity: None,
         })),
         sample(EventBody::Suppressed(Suppressed {
             channel: Channel::Email,

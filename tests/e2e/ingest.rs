@@ -241,7 +241,7 @@ async fn concurrent_duplicates_get_one_intent_and_one_delivery() {
 async fn a_cancelled_campaign_delivers_nothing_more_and_every_recipient_ends_terminal() {
     let mut config = test_config();
     config.sink.latency_ms = 20;
-    config.dispatcher.concurrency = 2;
+    config.identities[0].concurrency = 2;
     let app = spawn_app_with(config).await;
     let mut body = campaign_header();
     body["recipients"] = Value::from(

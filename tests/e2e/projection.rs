@@ -56,6 +56,7 @@ fn events() -> Vec<Event> {
                 channel: Channel::Email,
                 recipient: "a@example.com".into(),
                 provider: "sink".into(),
+                identity: None,
             }),
         ),
         ev(
@@ -66,6 +67,8 @@ fn events() -> Vec<Event> {
                 code: "timeout".into(),
                 reason: "slow".into(),
                 permanent: false,
+                identity: None,
+                retry_at: None,
             }),
         ),
         ev(
@@ -75,6 +78,7 @@ fn events() -> Vec<Event> {
                 channel: Channel::Email,
                 recipient: "a@example.com".into(),
                 provider: "sink".into(),
+                identity: None,
             }),
         ),
         ev(
@@ -83,6 +87,7 @@ fn events() -> Vec<Event> {
                 attempt: 2,
                 provider: "sink".into(),
                 provider_message_id: Some("p-1".into()),
+                identity: None,
             }),
         ),
     ]

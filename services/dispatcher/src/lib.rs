@@ -1,39 +1,58 @@
-//! The dispatcher: delivers rendered messages through a provider.
+//! The dispatcher: delivers rendered messages through the providers of
+//! configured sender identities.
 //!
 //! Delivery guarantee: at most one provider call per message and attempt,
-//! never a silent resend (invariant 4). Each message is claimed in the
-//! operational store before anything else; a `delivery.attempted` event is
-//! acknowledged by the broker before the provider is called; the outcome is
-//! recorded in the claim, then on the log. A redelivered record finds the
-//! claim and re-publishes the recorded outcome instead of sending again. A
-//! message left *attempted* by a dispatcher that vanished is declared
-//! ambiguous once its lease runs out and held for reconciliation.
+//! never a silent resend (invariant 4). A message is claimed in the
+//! operational store; a `delivery.attempted` event is acknowledged by the
+//! broker before the provider is called; the outcome is recorded in the
+//! claim, then on the log. A redelivered record finds the claim and
+//! re-publishes the recorded outcome instead of sending again. A message
+//! left *attempted* by a dispatcher that vanished becomes ambiguous once its
+//! lease runs out: resent with the same idempotency key where the provider
+//! honours one, otherwise held and reported.
 //!
-//! Offsets are stored only after every message of a chunk has its outcome on
-//! the log (at-least-once consumption, effectively-once delivery). Outside
-//! production, recipients not on the sandbox allow-list are suppressed
-//! (invariant 8).
+//! Records are read ahead (up to `dispatcher.max_in_flight`) and finish in
+//! any order, so the governor can share an identity fairly and put
+//! transactional mail first, and a throttled or retried message holds up
+//! nobody. Offsets are stored up to the lowest record still in flight
+//! (at-least-once consumption, effectively-once delivery).
+//!
+//! Transient failures go to the retries topic with the time the next
+//! attempt is due; a second consumer takes them from there.
+//!
+//! Before any of that: outside production, recipients not on the sandbox
+//! allow-list are suppressed (invariant 8); recipients on the tenant's
+//! suppression list are suppressed; messages of a cancelled intent are
+//! cancelled.
 
+pub mod governor;
+mod offsets;
 pub mod provider;
 pub mod sink;
+pub mod smtp;
+pub mod webhook;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use ledger_runtime::{kafka, Config, Mode, RuntimeError, Shutdown};
+use ledger_runtime::{kafka, Config, IdentityConfig, Mode, ProviderKind, RuntimeError, Shutdown};
 use ledger_schemas::{
-    ConsumerGroup, Delivered, DeliveryAmbiguous, DeliveryAttempted, DeliveryFailed, Event, EventBody, EventId,
-    MessageCancelled, MessageId, MessageRendered, Suppressed, SuppressionReason, Topic,
+    normalise_recipient, Channel, ConsumerGroup, Delivered, DeliveryAmbiguous, DeliveryAttempted, DeliveryFailed,
+    Event, EventBody, EventId, MessageCancelled, MessageId, MessageRendered, Suppressed, SuppressionReason, Topic,
+    HEADER_ATTEMPT, HEADER_NOT_BEFORE,
 };
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Header, Headers, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use sqlx::PgPool;
+use tokio::sync::{mpsc, Semaphore};
 
-use crate::provider::{Provider, ProviderError};
+use crate::governor::Governor;
+use crate::offsets::Offsets;
+use crate::provider::{Delivery, Provider, ProviderError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -45,32 +64,90 @@ pub enum DispatchError {
     Shutdown,
 }
 
-impl DispatchError {
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, DispatchError::Shutdown)
-    }
-}
-
 pub struct Dispatcher {
     config: Config,
-    consumer: kafka::LedgerConsumer,
+    rendered: kafka::LedgerConsumer,
+    retries: kafka::LedgerConsumer,
     producer: FutureProducer,
     ops: PgPool,
+    providers: Vec<(IdentityConfig, Arc<dyn Provider>)>,
+    instance: String,
+}
+
+/// A sender identity at work: its provider, governor and call slots.
+struct Identity {
+    config: IdentityConfig,
     provider: Arc<dyn Provider>,
+    governor: Arc<Governor>,
+    slots: Semaphore,
+}
+
+struct Inner {
+    config: Config,
+    producer: FutureProducer,
+    ops: PgPool,
+    identities: Vec<Identity>,
     /// Identifies this process in claims.
     instance: String,
 }
 
+/// Which topic a record came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Source {
+    Rendered,
+    Retries,
+}
+
+impl Source {
+    fn topic_name(self) -> &'static str {
+        match self {
+            Source::Rendered => Topic::Rendered.base_name(),
+            Source::Retries => Topic::Retries.base_name(),
+        }
+    }
+}
+
+/// Builds the provider of one identity.
+pub async fn provider_for(config: &Config, identity: &IdentityConfig) -> Result<Arc<dyn Provider>, RuntimeError> {
+    let timeout = Duration::from_millis(config.dispatcher.provider_timeout_ms);
+    let bad = |e: String| RuntimeError::Config(format!("identity {:?}: {e}", identity.name));
+    Ok(match identity.provider {
+        ProviderKind::Sink => Arc::new(
+            sink::SinkProvider::open(
+                &config.sink.dir,
+                Duration::from_millis(config.sink.latency_ms),
+                config.sink.failures.clone(),
+            )
+            .await
+            .map_err(|e| bad(format!("sink directory {}: {e}", config.sink.dir.display())))?,
+        ),
+        ProviderKind::Smtp => {
+            let url = identity.url.as_deref().unwrap_or_default();
+            let credentials = identity.username.clone().zip(identity.password.clone());
+            Arc::new(
+                smtp::SmtpProvider::new(url, credentials, identity.pool_size, identity.from.clone(), timeout)
+                    .map_err(|e| bad(format!("smtp url {url:?}: {e}")))?,
+            )
+        }
+        ProviderKind::Webhook => Arc::new(
+            webhook::WebhookProvider::new(identity.secret.as_deref().unwrap_or_default(), timeout)
+                .map_err(|e| bad(e.to_string()))?,
+        ),
+    })
+}
+
 pub async fn build(config: &Config) -> Result<Dispatcher, RuntimeError> {
-    let provider = sink::SinkProvider::open(&config.sink.dir, Duration::from_millis(config.sink.latency_ms))
-        .await
-        .map_err(|e| RuntimeError::Config(format!("sink directory {}: {e}", config.sink.dir.display())))?;
+    let mut providers = Vec::new();
+    for identity in &config.identities {
+        providers.push((identity.clone(), provider_for(config, identity).await?));
+    }
     Ok(Dispatcher {
         config: config.clone(),
-        consumer: kafka::consumer(config, ConsumerGroup::Dispatcher, &[Topic::Rendered])?,
+        rendered: kafka::consumer(config, ConsumerGroup::Dispatcher, &[Topic::Rendered])?,
+        retries: kafka::consumer(config, ConsumerGroup::DispatcherRetries, &[Topic::Retries])?,
         producer: kafka::producer(config)?,
-        ops: ledger_runtime::db::pool(&config.ops_database_url, config.dispatcher.concurrency.min(32) as u32).await?,
-        provider: Arc::new(provider),
+        ops: ledger_runtime::db::pool(&config.ops_database_url, 32).await?,
+        providers,
         instance: format!("dispatcher-{}", uuid::Uuid::new_v4()),
     })
 }
@@ -91,96 +168,221 @@ pub fn sandbox_allows(allow: &[String], recipient: &str) -> bool {
     })
 }
 
+/// Whether an identity's provider can carry a channel.
+pub fn serves_channel(provider: ProviderKind, channel: Channel) -> bool {
+    match provider {
+        ProviderKind::Sink => true,
+        ProviderKind::Smtp => channel == Channel::Email,
+        ProviderKind::Webhook => channel == Channel::Webhook,
+    }
+}
+
+/// The wait before attempt `next` (2, 3, …): the base doubled per retry,
+/// capped, plus up to a quarter more at random so that retries of many
+/// messages spread out.
+pub fn backoff(base_ms: u64, max_ms: u64, next: u32) -> Duration {
+    let exp = base_ms.saturating_mul(1u64 << (next.saturating_sub(2)).min(20)).min(max_ms.max(base_ms));
+    let jitter = if exp >= 4 { rand::random_range(0..=exp / 4) } else { 0 };
+    Duration::from_millis(exp + jitter)
+}
+
 impl Dispatcher {
     pub async fn run(self, shutdown: Shutdown) -> Result<(), RuntimeError> {
-        tracing::info!(instance = %self.instance, provider = self.provider.name(), mode = ?self.config.mode, "dispatcher started");
-        'consume: loop {
-            let first = tokio::select! {
-                _ = shutdown.wait() => break,
-                m = self.consumer.recv() => m,
-            };
-            let first = match first {
-                Ok(m) => m.detach(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "consume failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            let mut chunk = vec![first];
-            while chunk.len() < self.config.dispatcher.concurrency {
-                match tokio::time::timeout(Duration::from_millis(5), self.consumer.recv()).await {
-                    Ok(Ok(m)) => chunk.push(m.detach()),
-                    _ => break,
-                }
-            }
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match self.process_chunk(&chunk, &shutdown).await {
-                    Ok(()) => break,
-                    Err(DispatchError::Shutdown) => break 'consume,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "chunk not finished; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-            kafka::store_done(&self.consumer, &chunk)?;
-        }
-        let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+        let identities = self
+            .providers
+            .into_iter()
+            .map(|(config, provider)| Identity {
+                governor: Governor::start(&config, self.ops.clone(), shutdown.clone()),
+                slots: Semaphore::new(config.concurrency),
+                config,
+                provider,
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            config: self.config,
+            producer: self.producer,
+            ops: self.ops,
+            identities,
+            instance: self.instance,
+        });
+        tracing::info!(
+            instance = %inner.instance,
+            identities = ?inner.identities.iter().map(|i| i.config.name.as_str()).collect::<Vec<_>>(),
+            mode = ?inner.config.mode,
+            "dispatcher started"
+        );
+        let (a, b) = tokio::join!(
+            consume(inner.clone(), self.rendered, Source::Rendered, shutdown.clone()),
+            consume(inner.clone(), self.retries, Source::Retries, shutdown.clone()),
+        );
         tracing::info!("dispatcher stopped");
-        Ok(())
+        a.and(b)
     }
+}
 
-    /// Delivers every message of the chunk once. Duplicates within a chunk
-    /// (a re-rendered intent) are delivered once.
-    async fn process_chunk(&self, chunk: &[OwnedMessage], shutdown: &Shutdown) -> Result<(), DispatchError> {
-        let mut seen = HashSet::new();
-        let mut work = Vec::new();
-        for m in chunk {
-            match Event::from_json(m.payload().unwrap_or_default()) {
-                Ok(event) => {
-                    if let (EventBody::MessageRendered(_), Some(id)) = (&event.body, event.message_id) {
-                        if seen.insert(id) {
-                            work.push(event);
+/// Reads `consumer` ahead, one task per record, and stores offsets as
+/// records finish.
+async fn consume(
+    inner: Arc<Inner>,
+    consumer: kafka::LedgerConsumer,
+    source: Source,
+    shutdown: Shutdown,
+) -> Result<(), RuntimeError> {
+    let max = inner.config.dispatcher.max_in_flight;
+    let permits = Arc::new(Semaphore::new(max));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, i32, i64)>();
+    let mut offsets = Offsets::default();
+    let store = |offsets: &mut Offsets, (topic, partition, offset): (String, i32, i64)| {
+        let moved = offsets.finish(&topic, partition, offset);
+        metrics::gauge!("ledger_dispatcher_in_flight", "topic" => source.topic_name()).set(offsets.in_flight() as f64);
+        if let Some(done) = moved {
+            // Fails only for a partition taken away meanwhile: its new
+            // owner sees the record again and finds its claim.
+            let _ = consumer.store_offset(&topic, partition, done);
+        }
+    };
+    {
+        let mut stream = consumer.stream();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                Some(done) = done_rx.recv() => store(&mut offsets, done),
+                m = stream.next(), if permits.available_permits() > 0 => {
+                    let m = match m {
+                        Some(Ok(m)) => m.detach(),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "consume failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
                         }
-                    } else if matches!(event.body, EventBody::MessageRendered(_)) {
-                        self.dead_letter(
-                            m,
-                            Some(&event),
-                            "missing_message_id",
-                            "a rendered message without message_id",
-                        )
-                        .await?;
-                    }
-                    // Render failures share the topic and need no delivery.
+                        None => break,
+                    };
+                    let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
+                    offsets.begin(m.topic(), m.partition(), m.offset());
+                    let (inner, done_tx, shutdown) = (inner.clone(), done_tx.clone(), shutdown.clone());
+                    tokio::spawn(async move {
+                        let position = (m.topic().to_owned(), m.partition(), m.offset());
+                        if inner.handle(&m, source, &shutdown).await.is_ok() {
+                            let _ = done_tx.send(position);
+                        }
+                        drop(permit);
+                    });
                 }
-                Err(e) => self.dead_letter(m, None, e.code(), &e.to_string()).await?,
             }
         }
-        let results: Vec<Result<(), DispatchError>> = futures::stream::iter(work)
-            .map(|event| self.deliver(event, shutdown))
-            .buffer_unordered(self.config.dispatcher.concurrency)
-            .collect()
-            .await;
-        results.into_iter().collect()
+    }
+    // Let what is in flight finish or give up, then commit what finished.
+    let _ = permits.acquire_many(max as u32).await;
+    while let Ok(done) = done_rx.try_recv() {
+        store(&mut offsets, done);
+    }
+    let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    Ok(())
+}
+
+/// The claim of a message as the operational store has it, with what else
+/// decides its fate.
+#[derive(Debug, sqlx::FromRow)]
+struct Look {
+    state: Option<String>,
+    attempt: Option<i32>,
+    outcome: Option<serde_json::Value>,
+    claimed_by: Option<String>,
+    live: Option<bool>,
+    identity: Option<String>,
+    next_attempt_at: Option<DateTime<Utc>>,
+    suppressed: Option<String>,
+    cancelled: bool,
+}
+
+impl Inner {
+    /// Processes one record until it is done; transient trouble (broker,
+    /// store) is retried here. `Err` only when shutting down.
+    async fn handle(&self, m: &OwnedMessage, source: Source, shutdown: &Shutdown) -> Result<(), DispatchError> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.process(m, source, shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(DispatchError::Shutdown) => return Err(DispatchError::Shutdown),
+                Err(e) => {
+                    tracing::warn!(error = %e, offset = m.offset(), "record not finished; retrying");
+                    tokio::select! {
+                        _ = shutdown.wait() => return Err(DispatchError::Shutdown),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
-    async fn dead_letter(
-        &self,
-        m: &OwnedMessage,
-        event: Option<&Event>,
-        code: &str,
-        reason: &str,
-    ) -> Result<(), DispatchError> {
-        kafka::dead_letter(&self.producer, &self.config, ConsumerGroup::Dispatcher, m, event, code, reason).await?;
-        Ok(())
+    async fn process(&self, m: &OwnedMessage, source: Source, shutdown: &Shutdown) -> Result<(), DispatchError> {
+        let group = match source {
+            Source::Rendered => ConsumerGroup::Dispatcher,
+            Source::Retries => ConsumerGroup::DispatcherRetries,
+        };
+        let event = match Event::from_json(m.payload().unwrap_or_default()) {
+            Ok(e) => e,
+            Err(e) => {
+                kafka::dead_letter(&self.producer, &self.config, group, m, None, e.code(), &e.to_string()).await?;
+                return Ok(());
+            }
+        };
+        let (EventBody::MessageRendered(message), Some(id)) = (&event.body, event.message_id) else {
+            if matches!(event.body, EventBody::MessageRendered(_)) {
+                let reason = "a rendered message without message_id";
+                kafka::dead_letter(&self.producer, &self.config, group, m, Some(&event), "missing_message_id", reason)
+                    .await?;
+            }
+            // Render failures share the topic and need no delivery.
+            return Ok(());
+        };
+        let retry_of = match source {
+            Source::Rendered => None,
+            Source::Retries => {
+                let header = |name: &str| {
+                    m.headers()
+                        .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                let attempt = header(HEADER_ATTEMPT).and_then(|a| a.parse::<u32>().ok());
+                let due = header(HEADER_NOT_BEFORE).and_then(|a| a.parse::<DateTime<Utc>>().ok());
+                let (Some(attempt), Some(due)) = (attempt, due) else {
+                    let reason = "a retry record without valid ledger-attempt and ledger-not-before headers";
+                    kafka::dead_letter(&self.producer, &self.config, group, m, Some(&event), "bad_retry", reason)
+                        .await?;
+                    return Ok(());
+                };
+                if let Ok(wait) = (due - Utc::now()).to_std() {
+                    tokio::select! {
+                        _ = shutdown.wait() => return Err(DispatchError::Shutdown),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Some(attempt)
+            }
+        };
+        self.deliver(&event, message, id, retry_of, shutdown).await
     }
 
     async fn publish(&self, event: &Event) -> Result<(), DispatchError> {
         let key = event.message_id.map(|m| m.to_string()).unwrap_or_default();
         kafka::send_event(&self.producer, &self.config, Topic::Outcomes, &key, event).await?;
+        Ok(())
+    }
+
+    /// Puts the rendered message on the retries topic for `attempt`, due
+    /// at `due`.
+    async fn schedule_retry(&self, rendered: &Event, attempt: u32, due: DateTime<Utc>) -> Result<(), DispatchError> {
+        let attempt = attempt.to_string();
+        let due = due.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let headers = kafka::headers_for(rendered)
+            .insert(Header { key: HEADER_ATTEMPT, value: Some(attempt.as_str()) })
+            .insert(Header { key: HEADER_NOT_BEFORE, value: Some(due.as_str()) });
+        let key = rendered.message_id.map(|m| m.to_string()).unwrap_or_default();
+        let encoded = kafka::Encoded { payload: rendered.to_json(), headers };
+        kafka::send_encoded(&self.producer, &self.config, Topic::Retries, &key, encoded).await?;
         Ok(())
     }
 
@@ -191,105 +393,215 @@ impl Dispatcher {
             tenant_id: rendered.tenant_id.clone(),
             intent_id: rendered.intent_id,
             message_id: Some(id),
-            occurred_at: chrono::Utc::now(),
+            occurred_at: Utc::now(),
             correlation_id: rendered.correlation_id.clone(),
         }
     }
 
-    async fn deliver(&self, event: Event, shutdown: &Shutdown) -> Result<(), DispatchError> {
-        let (EventBody::MessageRendered(message), Some(id)) = (&event.body, event.message_id) else {
-            return Ok(());
-        };
-        let tenant = event.tenant_id.0.clone();
+    /// The identity for a message: among those serving its tenant and
+    /// channel, one chosen by its id (so its attempts tend to go the same
+    /// way), or the one an earlier attempt used.
+    fn route(&self, tenant: &str, channel: Channel, id: MessageId, earlier: Option<&str>) -> Option<&Identity> {
+        if let Some(i) = earlier.and_then(|name| self.identities.iter().find(|i| i.config.name == name)) {
+            return Some(i);
+        }
+        let candidates: Vec<&Identity> = self
+            .identities
+            .iter()
+            .filter(|i| i.config.serves_tenant(tenant) && serves_channel(i.config.provider, channel))
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let n = (id.0.as_u128() % candidates.len() as u128) as usize;
+        Some(candidates[n])
+    }
+
+    async fn look(&self, event: &Event, message: &MessageRendered, id: MessageId) -> Result<Look, DispatchError> {
+        Ok(sqlx::query_as::<_, Look>(
+            "-- dispatcher::deliver (look)
+             SELECT c.state, c.attempt, c.outcome, c.claimed_by, c.lease_until > now() AS live, c.identity,
+                    c.next_attempt_at,
+                    (SELECT reason FROM suppressions s WHERE s.tenant_id = $2 AND s.recipient = $3) AS suppressed,
+                    EXISTS (SELECT 1 FROM cancelled_intents WHERE intent_id = $4) AS cancelled
+             FROM (SELECT 1) AS one LEFT JOIN delivery_claims c ON c.message_id = $1",
+        )
+        .bind(id.0)
+        .bind(&event.tenant_id.0)
+        .bind(normalise_recipient(&message.recipient))
+        .bind(event.intent_id.0)
+        .fetch_one(&self.ops)
+        .await?)
+    }
+
+    async fn deliver(
+        &self,
+        event: &Event,
+        message: &MessageRendered,
+        id: MessageId,
+        retry_of: Option<u32>,
+        shutdown: &Shutdown,
+    ) -> Result<(), DispatchError> {
+        let tenant = event.tenant_id.0.as_str();
         if self.config.mode != Mode::Production && !sandbox_allows(&self.config.sandbox.allow, &message.recipient) {
-            let suppressed = self.outcome(
-                &event,
-                id,
-                "suppressed",
-                0,
-                EventBody::Suppressed(Suppressed {
-                    channel: message.channel,
-                    recipient: message.recipient.clone(),
-                    reason: SuppressionReason::Sandbox,
-                }),
-            );
-            self.publish(&suppressed).await?;
-            metrics::counter!("ledger_deliveries_total", "tenant" => tenant, "outcome" => "suppressed_sandbox")
-                .increment(1);
+            let body = EventBody::Suppressed(Suppressed {
+                channel: message.channel,
+                recipient: message.recipient.clone(),
+                reason: SuppressionReason::Sandbox,
+            });
+            self.publish(&self.outcome(event, id, "suppressed", 0, body)).await?;
+            count(tenant, "", "suppressed_sandbox");
             return Ok(());
         }
-        let lease = i64::from(self.config.dispatcher.claim_lease_secs);
+        let lease = f64::from(self.config.dispatcher.claim_lease_secs);
         loop {
             if shutdown.is_triggered() {
                 return Err(DispatchError::Shutdown);
             }
-            let claimed: Option<i32> = sqlx::query_scalar(
-                "-- dispatcher::deliver (claim)
-                 INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until)
-                 SELECT $1, $2, 'claimed', 1, $3, now() + make_interval(secs => $4)
-                 WHERE NOT EXISTS (SELECT 1 FROM cancelled_intents WHERE intent_id = $5)
-                 ON CONFLICT (message_id) DO UPDATE
-                 SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until, updated_at = now()
-                 WHERE delivery_claims.state = 'claimed'
-                 RETURNING attempt",
-            )
-            .bind(id.0)
-            .bind(&tenant)
-            .bind(&self.instance)
-            .bind(lease as f64)
-            .bind(event.intent_id.0)
-            .fetch_optional(&self.ops)
-            .await?;
+            let look = self.look(event, message, id).await?;
+            let attempt = look.attempt.unwrap_or(1).max(1) as u32;
+            let mine = look.claimed_by.as_deref() == Some(self.instance.as_str());
+            let live = look.live.unwrap_or(false);
+            match look.state.as_deref() {
+                Some("done" | "ambiguous") => {
+                    // Already decided: make sure the log has it too.
+                    if let Some(Ok(recorded)) = look.outcome.map(serde_json::from_value::<Event>) {
+                        self.publish(&recorded).await?;
+                    }
+                    return Ok(());
+                }
+                Some("retrying") if retry_of != Some(attempt) => {
+                    // Another record's business; make sure the failure and
+                    // its retry record are on the log (a crash may have come
+                    // between recording and producing them).
+                    if let Some(Ok(recorded)) = look.outcome.map(serde_json::from_value::<Event>) {
+                        self.publish(&recorded).await?;
+                    }
+                    if retry_of.is_none_or(|r| r < attempt) {
+                        self.schedule_retry(event, attempt, look.next_attempt_at.unwrap_or_else(Utc::now)).await?;
+                    }
+                    return Ok(());
+                }
+                Some("attempted") if live => {
+                    // Another dispatcher is calling the provider right now.
+                    sleep(shutdown, Duration::from_millis(250)).await?;
+                    continue;
+                }
+                Some("attempted") => {
+                    self.resolve_abandoned(event, message, id, attempt, look.identity.as_deref()).await?;
+                    continue;
+                }
+                Some("claimed") if !mine && live => {
+                    sleep(shutdown, Duration::from_millis(250)).await?;
+                    continue;
+                }
+                _ => {}
+            }
+            // Fresh, claimed by us or abandoned before any call, or a retry
+            // that is due.
+            if look.cancelled {
+                let body = EventBody::MessageCancelled(MessageCancelled {
+                    channel: message.channel,
+                    recipient: message.recipient.clone(),
+                });
+                self.record_final(event, id, self.outcome(event, id, "cancelled", 0, body), "cancelled").await?;
+                continue;
+            }
+            if look.suppressed.is_some() {
+                let body = EventBody::Suppressed(Suppressed {
+                    channel: message.channel,
+                    recipient: message.recipient.clone(),
+                    reason: SuppressionReason::SuppressionList,
+                });
+                self.record_final(event, id, self.outcome(event, id, "suppressed", 0, body), "suppressed_list").await?;
+                continue;
+            }
+            let Some(identity) = self.route(tenant, message.channel, id, look.identity.as_deref()) else {
+                let body = EventBody::DeliveryFailed(DeliveryFailed {
+                    attempt,
+                    provider: "none".into(),
+                    code: "no_identity".into(),
+                    reason: format!(
+                        "no sender identity serves tenant {tenant:?} on the {} channel",
+                        message.channel.as_str()
+                    ),
+                    permanent: true,
+                    identity: None,
+                    retry_at: None,
+                });
+                self.record_final(event, id, self.outcome(event, id, "failed", attempt, body), "failed").await?;
+                continue;
+            };
+            if !identity.governor.acquire(tenant, message.priority).await {
+                return Err(DispatchError::Shutdown);
+            }
+            let Ok(_slot) = identity.slots.acquire().await else {
+                return Err(DispatchError::Shutdown);
+            };
+            let claimed: Option<i32> = if look.state.as_deref() == Some("retrying") {
+                sqlx::query_scalar(
+                    "-- dispatcher::deliver (claim a retry)
+                     UPDATE delivery_claims
+                     SET state = 'claimed', claimed_by = $2, lease_until = now() + make_interval(secs => $3),
+                         identity = $5, updated_at = now()
+                     WHERE message_id = $1 AND state = 'retrying' AND attempt = $4
+                       AND NOT EXISTS (SELECT 1 FROM cancelled_intents WHERE intent_id = $6)
+                     RETURNING attempt",
+                )
+                .bind(id.0)
+                .bind(&self.instance)
+                .bind(lease)
+                .bind(attempt as i32)
+                .bind(&identity.config.name)
+                .bind(event.intent_id.0)
+                .fetch_optional(&self.ops)
+                .await?
+            } else {
+                sqlx::query_scalar(
+                    "-- dispatcher::deliver (claim)
+                     INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until, identity)
+                     SELECT $1, $2, 'claimed', 1, $3, now() + make_interval(secs => $4), $6
+                     WHERE NOT EXISTS (SELECT 1 FROM cancelled_intents WHERE intent_id = $5)
+                     ON CONFLICT (message_id) DO UPDATE
+                     SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until,
+                         identity = EXCLUDED.identity, updated_at = now()
+                     WHERE delivery_claims.state = 'claimed'
+                       AND (delivery_claims.claimed_by = EXCLUDED.claimed_by OR delivery_claims.lease_until < now())
+                     RETURNING attempt",
+                )
+                .bind(id.0)
+                .bind(tenant)
+                .bind(&self.instance)
+                .bind(lease)
+                .bind(event.intent_id.0)
+                .bind(&identity.config.name)
+                .fetch_optional(&self.ops)
+                .await?
+            };
             match claimed {
                 Some(attempt) => {
-                    if self.attempt(&event, message, id, attempt as u32).await? {
+                    if self.attempt(event, message, id, attempt as u32, identity).await? {
                         return Ok(());
                     }
-                    // Lost the claim to another instance, or retrying: look again.
                 }
-                None => {
-                    let existing: Option<(String, Option<serde_json::Value>, bool)> = sqlx::query_as(
-                        "-- dispatcher::deliver (existing claim)
-                         SELECT state, outcome, lease_until > now() FROM delivery_claims WHERE message_id = $1",
-                    )
-                    .bind(id.0)
-                    .fetch_optional(&self.ops)
-                    .await?;
-                    let Some((state, outcome, live)) = existing else {
-                        // No claim and none taken: the intent was cancelled.
-                        self.record_cancelled(&event, message, id).await?;
-                        continue;
-                    };
-                    match (state.as_str(), outcome) {
-                        ("done" | "ambiguous", Some(recorded)) => {
-                            // Already decided: make sure the log has it too.
-                            if let Ok(recorded) = serde_json::from_value::<Event>(recorded) {
-                                self.publish(&recorded).await?;
-                            }
-                            return Ok(());
-                        }
-                        ("attempted", _) if live => {
-                            // Another dispatcher is calling the provider right now.
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                        }
-                        ("attempted", _) => self.declare_ambiguous(&event, id).await?,
-                        _ => {}
-                    }
-                }
+                // Lost a race, or cancelled meanwhile: look again.
+                None => sleep(shutdown, Duration::from_millis(20)).await?,
             }
         }
     }
 
     /// One provider call under a claim we hold. Returns `false` when the
-    /// caller must look at the claim again (lost it, or a retry is due).
+    /// caller must look at the claim again (we lost it).
     async fn attempt(
         &self,
         event: &Event,
         message: &MessageRendered,
         id: MessageId,
         attempt: u32,
+        identity: &Identity,
     ) -> Result<bool, DispatchError> {
-        let provider = self.provider.name();
+        let provider = identity.provider.name();
+        let name = identity.config.name.as_str();
         let attempted = self.outcome(
             event,
             id,
@@ -300,6 +612,7 @@ impl Dispatcher {
                 channel: message.channel,
                 recipient: message.recipient.clone(),
                 provider: provider.to_owned(),
+                identity: Some(name.to_owned()),
             }),
         );
         self.publish(&attempted).await?;
@@ -316,47 +629,61 @@ impl Dispatcher {
         if ours.rows_affected() == 0 {
             return Ok(false);
         }
+        let delivery = Delivery { message_id: id, attempt, identity: name, message, idempotency_key: id.0.to_string() };
         let started = std::time::Instant::now();
         let timeout = Duration::from_millis(self.config.dispatcher.provider_timeout_ms);
-        let result = tokio::time::timeout(timeout, self.provider.send(id, message)).await;
-        metrics::histogram!("ledger_provider_call_seconds", "provider" => provider)
+        let result = match tokio::time::timeout(timeout, identity.provider.send(&delivery)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProviderError::ambiguous(
+                "timeout",
+                format!("provider call timed out after {timeout:?}; it may or may not have been delivered"),
+            )),
+        };
+        metrics::histogram!("ledger_provider_call_seconds", "identity" => name.to_owned(), "provider" => provider)
             .record(started.elapsed().as_secs_f64());
-        let tenant = event.tenant_id.0.clone();
+        let last = attempt >= self.config.dispatcher.max_attempts;
+        let failed = |code: String, reason: String, permanent: bool| DeliveryFailed {
+            attempt,
+            provider: provider.to_owned(),
+            code,
+            reason,
+            permanent,
+            identity: Some(name.to_owned()),
+            retry_at: None,
+        };
         let (what, body, label) = match result {
-            Ok(Ok(accepted)) => (
+            Ok(accepted) => (
                 "delivered",
                 EventBody::Delivered(Delivered {
                     attempt,
                     provider: provider.to_owned(),
                     provider_message_id: accepted.provider_message_id,
+                    identity: Some(name.to_owned()),
                 }),
                 "delivered",
             ),
-            Ok(Err(ProviderError::Permanent { code, reason })) => (
+            Err(ProviderError::Permanent { code, reason }) => {
+                ("failed", EventBody::DeliveryFailed(failed(code, reason, true)), "failed")
+            }
+            Err(ProviderError::Transient { code, reason }) if !last => {
+                return self.retry_later(event, id, attempt, failed(code, reason, false)).await;
+            }
+            // Resending is safe when the provider drops duplicates by key.
+            Err(ProviderError::Ambiguous { code, reason }) if !last && identity.provider.honours_idempotency_key() => {
+                return self.retry_later(event, id, attempt, failed(code, reason, false)).await;
+            }
+            Err(ProviderError::Transient { code, reason }) => (
                 "failed",
-                EventBody::DeliveryFailed(DeliveryFailed {
-                    attempt,
-                    provider: provider.to_owned(),
-                    code,
-                    reason,
-                    permanent: true,
-                }),
+                EventBody::DeliveryFailed(failed(code, format!("{reason} (after {attempt} attempts)"), true)),
                 "failed",
             ),
-            Ok(Err(ProviderError::Transient { code, reason })) => {
-                let last = attempt >= self.config.dispatcher.max_attempts;
-                let failed = DeliveryFailed { attempt, provider: provider.to_owned(), code, reason, permanent: last };
-                if !last {
-                    return self.retry_later(event, id, attempt, failed).await;
-                }
-                ("failed", EventBody::DeliveryFailed(failed), "failed")
-            }
-            Err(_) => (
+            Err(ProviderError::Ambiguous { code, reason }) => (
                 "ambiguous",
                 EventBody::DeliveryAmbiguous(DeliveryAmbiguous {
                     attempt,
                     provider: provider.to_owned(),
-                    reason: format!("provider call timed out after {timeout:?}; it may or may not have been delivered"),
+                    reason: format!("{code}: {reason}"),
+                    identity: Some(name.to_owned()),
                 }),
                 "ambiguous",
             ),
@@ -366,7 +693,7 @@ impl Dispatcher {
         sqlx::query(
             "-- dispatcher::attempt (record outcome)
              UPDATE delivery_claims SET state = $3, outcome = $4, updated_at = now()
-             WHERE message_id = $1 AND claimed_by = $2",
+             WHERE message_id = $1 AND claimed_by = $2 AND state = 'attempted'",
         )
         .bind(id.0)
         .bind(&self.instance)
@@ -375,82 +702,112 @@ impl Dispatcher {
         .execute(&self.ops)
         .await?;
         self.publish(&outcome).await?;
-        metrics::counter!("ledger_deliveries_total", "tenant" => tenant, "outcome" => label).increment(1);
+        if label == "ambiguous" {
+            tracing::warn!(message_id = %id, identity = name, "message is ambiguous; held for reconciliation");
+        }
+        count(&event.tenant_id.0, name, label);
         Ok(true)
     }
 
-    /// A transient failure: record it, hand the claim back for the next
-    /// attempt and wait out the backoff. The message is delayed, not skipped.
+    /// A transient failure: record it with the time the next attempt is
+    /// due, hand the message to the retries topic, and let this record go.
+    /// The message is delayed, never skipped.
     async fn retry_later(
         &self,
         event: &Event,
         id: MessageId,
         attempt: u32,
-        failed: DeliveryFailed,
+        mut failed: DeliveryFailed,
     ) -> Result<bool, DispatchError> {
+        let wait =
+            backoff(self.config.dispatcher.retry_backoff_ms, self.config.dispatcher.retry_backoff_max_ms, attempt + 1);
+        let due = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+        failed.retry_at = Some(due);
+        let identity = failed.identity.clone().unwrap_or_default();
         let failure = self.outcome(event, id, "failed", attempt, EventBody::DeliveryFailed(failed));
-        sqlx::query(
+        let updated = sqlx::query(
             "-- dispatcher::retry_later
-             UPDATE delivery_claims SET state = 'claimed', attempt = attempt + 1, updated_at = now()
+             UPDATE delivery_claims
+             SET state = 'retrying', attempt = attempt + 1, next_attempt_at = $3, outcome = $4, updated_at = now()
              WHERE message_id = $1 AND claimed_by = $2 AND state = 'attempted'",
         )
         .bind(id.0)
         .bind(&self.instance)
+        .bind(due)
+        .bind(serde_json::to_value(&failure).unwrap_or_default())
         .execute(&self.ops)
         .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(false);
+        }
         self.publish(&failure).await?;
-        metrics::counter!("ledger_delivery_retries_total", "tenant" => event.tenant_id.0.clone()).increment(1);
-        let backoff = self.config.dispatcher.retry_backoff_ms.saturating_mul(1 << (attempt - 1).min(10));
-        tokio::time::sleep(Duration::from_millis(backoff)).await;
-        Ok(false)
+        self.schedule_retry(event, attempt + 1, due).await?;
+        metrics::counter!("ledger_delivery_retries_total", "identity" => identity).increment(1);
+        Ok(true)
     }
 
-    /// Records, in a claim of its own, that the message is not delivered
-    /// because its intent was cancelled; the claim loop then publishes it.
-    async fn record_cancelled(
+    /// Records a decision reached without a provider call (cancelled,
+    /// suppressed, unroutable) in the claim, unless a call is under way;
+    /// the caller's next look publishes it.
+    async fn record_final(
         &self,
         event: &Event,
-        message: &MessageRendered,
         id: MessageId,
+        outcome: Event,
+        label: &'static str,
     ) -> Result<(), DispatchError> {
-        let cancelled = self.outcome(
-            event,
-            id,
-            "cancelled",
-            0,
-            EventBody::MessageCancelled(MessageCancelled {
-                channel: message.channel,
-                recipient: message.recipient.clone(),
-            }),
-        );
-        let inserted = sqlx::query(
-            "-- dispatcher::record_cancelled
+        let recorded = sqlx::query(
+            "-- dispatcher::record_final
              INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until, outcome)
              VALUES ($1, $2, 'done', 0, $3, now(), $4)
-             ON CONFLICT (message_id) DO NOTHING",
+             ON CONFLICT (message_id) DO UPDATE SET state = 'done', outcome = EXCLUDED.outcome, updated_at = now()
+             WHERE delivery_claims.state = 'retrying'
+                OR (delivery_claims.state = 'claimed'
+                    AND (delivery_claims.claimed_by = EXCLUDED.claimed_by OR delivery_claims.lease_until < now()))",
         )
         .bind(id.0)
         .bind(&event.tenant_id.0)
         .bind(&self.instance)
-        .bind(serde_json::to_value(&cancelled).unwrap_or_default())
+        .bind(serde_json::to_value(&outcome).unwrap_or_default())
         .execute(&self.ops)
         .await?;
-        if inserted.rows_affected() == 1 {
-            metrics::counter!("ledger_deliveries_total", "tenant" => event.tenant_id.0.clone(), "outcome" => "cancelled")
-                .increment(1);
+        if recorded.rows_affected() == 1 {
+            count(&event.tenant_id.0, "", label);
         }
         Ok(())
     }
 
-    async fn declare_ambiguous(&self, event: &Event, id: MessageId) -> Result<(), DispatchError> {
-        let attempt: Option<i32> = sqlx::query_scalar(
-            "-- dispatcher::declare_ambiguous (attempt)
-             SELECT attempt FROM delivery_claims WHERE message_id = $1",
-        )
-        .bind(id.0)
-        .fetch_optional(&self.ops)
-        .await?;
-        let attempt = attempt.unwrap_or(1) as u32;
+    /// An attempt whose dispatcher vanished mid-call. Where the provider
+    /// honours the idempotency key, the next attempt goes out with the same
+    /// key; otherwise the message is ambiguous, held and reported.
+    async fn resolve_abandoned(
+        &self,
+        event: &Event,
+        message: &MessageRendered,
+        id: MessageId,
+        attempt: u32,
+        identity: Option<&str>,
+    ) -> Result<(), DispatchError> {
+        let identity = self.route(&event.tenant_id.0, message.channel, id, identity);
+        let resendable = identity.is_some_and(|i| i.provider.honours_idempotency_key())
+            && attempt < self.config.dispatcher.max_attempts;
+        if resendable {
+            let taken = sqlx::query(
+                "-- dispatcher::resolve_abandoned (resend with the same key)
+                 UPDATE delivery_claims
+                 SET state = 'claimed', attempt = attempt + 1, claimed_by = $2, lease_until = now(), updated_at = now()
+                 WHERE message_id = $1 AND state = 'attempted' AND lease_until < now()",
+            )
+            .bind(id.0)
+            .bind(&self.instance)
+            .execute(&self.ops)
+            .await?;
+            if taken.rows_affected() == 1 {
+                tracing::info!(message_id = %id, "abandoned attempt; resending with the same idempotency key");
+            }
+            return Ok(());
+        }
+        let name = identity.map(|i| i.config.name.clone());
         let ambiguous = self.outcome(
             event,
             id,
@@ -458,12 +815,13 @@ impl Dispatcher {
             attempt,
             EventBody::DeliveryAmbiguous(DeliveryAmbiguous {
                 attempt,
-                provider: self.provider.name().to_owned(),
+                provider: identity.map(|i| i.provider.name()).unwrap_or("unknown").to_owned(),
                 reason: "the dispatcher that called the provider stopped before recording the outcome".into(),
+                identity: name.clone(),
             }),
         );
         let updated = sqlx::query(
-            "-- dispatcher::declare_ambiguous
+            "-- dispatcher::resolve_abandoned (ambiguous)
              UPDATE delivery_claims SET state = 'ambiguous', outcome = $2, updated_at = now()
              WHERE message_id = $1 AND state = 'attempted' AND lease_until < now()",
         )
@@ -473,9 +831,21 @@ impl Dispatcher {
         .await?;
         if updated.rows_affected() == 1 {
             tracing::warn!(message_id = %id, "message is ambiguous; held for reconciliation");
-            metrics::counter!("ledger_deliveries_total", "tenant" => event.tenant_id.0.clone(), "outcome" => "ambiguous").increment(1);
+            count(&event.tenant_id.0, name.as_deref().unwrap_or_default(), "ambiguous");
         }
         Ok(())
+    }
+}
+
+fn count(tenant: &str, identity: &str, outcome: &'static str) {
+    metrics::counter!("ledger_deliveries_total", "tenant" => tenant.to_owned(), "identity" => identity.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+async fn sleep(shutdown: &Shutdown, d: Duration) -> Result<(), DispatchError> {
+    tokio::select! {
+        _ = shutdown.wait() => Err(DispatchError::Shutdown),
+        _ = tokio::time::sleep(d) => Ok(()),
     }
 }
 
@@ -492,5 +862,26 @@ mod tests {
         assert!(!sandbox_allows(&allow, "ann@notexample.com"));
         assert!(!sandbox_allows(&allow, "ann@sub.example.com"));
         assert!(!sandbox_allows(&[], "ann@example.com"));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_with_at_most_a_quarter_of_jitter() {
+        for _ in 0..100 {
+            let b2 = backoff(100, 1_000, 2).as_millis();
+            let b3 = backoff(100, 1_000, 3).as_millis();
+            let b9 = backoff(100, 1_000, 9).as_millis();
+            assert!((100..=125).contains(&b2), "{b2}");
+            assert!((200..=250).contains(&b3), "{b3}");
+            assert!((1_000..=1_250).contains(&b9), "{b9}");
+        }
+    }
+
+    #[test]
+    fn providers_serve_their_channels() {
+        assert!(serves_channel(ProviderKind::Sink, Channel::Push));
+        assert!(serves_channel(ProviderKind::Smtp, Channel::Email));
+        assert!(!serves_channel(ProviderKind::Smtp, Channel::Webhook));
+        assert!(serves_channel(ProviderKind::Webhook, Channel::Webhook));
+        assert!(!serves_channel(ProviderKind::Webhook, Channel::Email));
     }
 }

@@ -6,22 +6,56 @@ use ledger_schemas::{MessageId, MessageRendered};
 /// What a provider said about one message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProviderError {
-    /// Worth retrying later (timeouts, 5xx, throttling by the provider).
+    /// Not delivered, worth retrying later (timeouts before sending, 429,
+    /// 5xx, SMTP 4xx, connection refused).
     Transient { code: String, reason: String },
-    /// The provider refused the message for good.
+    /// The provider refused the message for good (invalid recipient, SMTP
+    /// 5xx, webhook 4xx other than 408/429).
     Permanent { code: String, reason: String },
+    /// The request may or may not have been delivered (the connection broke
+    /// after the message was sent, no answer came).
+    Ambiguous { code: String, reason: String },
+}
+
+impl ProviderError {
+    pub fn transient(code: impl Into<String>, reason: impl Into<String>) -> Self {
+        ProviderError::Transient { code: code.into(), reason: reason.into() }
+    }
+
+    pub fn permanent(code: impl Into<String>, reason: impl Into<String>) -> Self {
+        ProviderError::Permanent { code: code.into(), reason: reason.into() }
+    }
+
+    pub fn ambiguous(code: impl Into<String>, reason: impl Into<String>) -> Self {
+        ProviderError::Ambiguous { code: code.into(), reason: reason.into() }
+    }
 }
 
 pub struct Accepted {
     pub provider_message_id: Option<String>,
 }
 
+/// One provider call.
+pub struct Delivery<'a> {
+    pub message_id: MessageId,
+    /// 1 for the first call, then one more per retry.
+    pub attempt: u32,
+    pub identity: &'a str,
+    pub message: &'a MessageRendered,
+    /// The same for every attempt of the message: a provider that honours
+    /// it delivers at most once however often it is called.
+    pub idempotency_key: String,
+}
+
 pub trait Provider: Send + Sync {
     /// Name used in events and metrics.
     fn name(&self) -> &'static str;
-    fn send<'a>(
-        &'a self,
-        message_id: MessageId,
-        message: &'a MessageRendered,
-    ) -> BoxFuture<'a, Result<Accepted, ProviderError>>;
+
+    /// Whether the provider de-duplicates calls by `Delivery::idempotency_key`,
+    /// so that a call whose outcome is unknown may be made again.
+    fn honours_idempotency_key(&self) -> bool {
+        false
+    }
+
+    fn send<'a>(&'a self, delivery: &'a Delivery<'a>) -> BoxFuture<'a, Result<Accepted, ProviderError>>;
 }

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
+use ledger_runtime::{SinkFailure, SinkFailureKind};
 use ledger_schemas::{MessageId, MessageRendered};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use crate::provider::{Accepted, Provider, ProviderError};
+use crate::provider::{Accepted, Delivery, Provider, ProviderError};
 
 pub const FILE_NAME: &str = "deliveries.jsonl";
 
@@ -24,28 +25,47 @@ pub struct SinkRecord {
     pub subject: Option<String>,
     pub provider_message_id: String,
     pub received_at: DateTime<Utc>,
+    #[serde(default)]
+    pub identity: String,
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 pub struct SinkProvider {
     file: Mutex<tokio::fs::File>,
     latency: Duration,
+    failures: Vec<SinkFailure>,
 }
 
 impl SinkProvider {
-    pub async fn open(dir: &Path, latency: Duration) -> std::io::Result<SinkProvider> {
+    pub async fn open(dir: &Path, latency: Duration, failures: Vec<SinkFailure>) -> std::io::Result<SinkProvider> {
         tokio::fs::create_dir_all(dir).await?;
         let file = tokio::fs::OpenOptions::new().create(true).append(true).open(dir.join(FILE_NAME)).await?;
-        Ok(SinkProvider { file: Mutex::new(file), latency })
+        Ok(SinkProvider { file: Mutex::new(file), latency, failures })
     }
 
-    async fn record(&self, message_id: MessageId, message: &MessageRendered) -> std::io::Result<String> {
+    /// The failure injected for this call, if any.
+    fn injected(&self, delivery: &Delivery<'_>) -> Option<SinkFailureKind> {
+        self.failures
+            .iter()
+            .find(|f| {
+                delivery.message.recipient.contains(&f.recipient_contains)
+                    && (f.attempts == 0 || delivery.attempt <= f.attempts)
+            })
+            .map(|f| f.kind)
+    }
+
+    async fn record(&self, delivery: &Delivery<'_>) -> std::io::Result<String> {
         let provider_message_id = format!("sink-{}", uuid::Uuid::new_v4());
+        let message: &MessageRendered = delivery.message;
         let record = SinkRecord {
-            message_id,
+            message_id: delivery.message_id,
             recipient: message.recipient.clone(),
             subject: message.subject.clone(),
             provider_message_id: provider_message_id.clone(),
             received_at: Utc::now(),
+            identity: delivery.identity.to_owned(),
+            attempt: delivery.attempt,
         };
         let mut line = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
         line.push(b'\n');
@@ -61,18 +81,25 @@ impl Provider for SinkProvider {
         "sink"
     }
 
-    fn send<'a>(
-        &'a self,
-        message_id: MessageId,
-        message: &'a MessageRendered,
-    ) -> BoxFuture<'a, Result<Accepted, ProviderError>> {
+    fn send<'a>(&'a self, delivery: &'a Delivery<'a>) -> BoxFuture<'a, Result<Accepted, ProviderError>> {
         Box::pin(async move {
             if !self.latency.is_zero() {
                 tokio::time::sleep(self.latency).await;
             }
-            match self.record(message_id, message).await {
+            match self.injected(delivery) {
+                Some(SinkFailureKind::Transient) => {
+                    return Err(ProviderError::transient("sink_451", "injected: mailbox temporarily unavailable"))
+                }
+                Some(SinkFailureKind::Permanent) => {
+                    return Err(ProviderError::permanent("sink_550", "injected: no such mailbox"))
+                }
+                Some(SinkFailureKind::Timeout) => std::future::pending::<()>().await,
+                None => {}
+            }
+            match self.record(delivery).await {
                 Ok(id) => Ok(Accepted { provider_message_id: Some(id) }),
-                Err(e) => Err(ProviderError::Transient { code: "sink_io".into(), reason: e.to_string() }),
+                // Nothing was recorded: safe to try again.
+                Err(e) => Err(ProviderError::transient("sink_io", e.to_string())),
             }
         })
     }

@@ -36,7 +36,143 @@ pub struct Config {
     pub sink: SinkConfig,
     pub projector: ProjectorConfig,
     pub dispatcher: DispatcherConfig,
+    /// Sender identities: provider accounts with their own credentials,
+    /// limits and tenants. A tenant's messages go through the identities
+    /// that list it (or `*`) and serve the message's channel.
+    pub identities: Vec<IdentityConfig>,
     pub telemetry: TelemetryConfig,
+}
+
+/// The provider behind a sender identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// The local durable sink (every channel).
+    Sink,
+    /// SMTP submission (email).
+    Smtp,
+    /// Signed HTTP POST to the recipient URL (webhook).
+    Webhook,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub name: String,
+    pub provider: ProviderKind,
+    /// Tenant ids routed to this identity; `*` routes every tenant.
+    #[serde(default = "all_tenants")]
+    pub tenants: Vec<String>,
+    /// Provider calls allowed per second, minute and UTC day, in total over
+    /// every dispatcher instance; 0 = no limit.
+    #[serde(default)]
+    pub per_second: u32,
+    #[serde(default)]
+    pub per_minute: u32,
+    #[serde(default)]
+    pub per_day: u32,
+    /// Calls that may go out at once after a quiet spell; 0 = a twentieth
+    /// of a second's rate (at least 1).
+    #[serde(default)]
+    pub burst: u32,
+    /// Provider calls in flight at once, per dispatcher instance.
+    #[serde(default = "default_identity_concurrency")]
+    pub concurrency: usize,
+    /// SMTP: `smtp://host:port` (plain), `smtps://…` or `smtp://…?tls=required`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// SMTP password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Webhook: the HMAC-SHA256 signing secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Sender address when a message has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// SMTP connections kept open.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+}
+
+fn all_tenants() -> Vec<String> {
+    vec!["*".into()]
+}
+
+fn default_identity_concurrency() -> usize {
+    64
+}
+
+fn default_pool_size() -> u32 {
+    4
+}
+
+impl IdentityConfig {
+    /// An identity of `provider` for every tenant, without limits.
+    pub fn new(name: &str, provider: ProviderKind) -> IdentityConfig {
+        IdentityConfig {
+            name: name.into(),
+            provider,
+            tenants: all_tenants(),
+            per_second: 0,
+            per_minute: 0,
+            per_day: 0,
+            burst: 0,
+            concurrency: default_identity_concurrency(),
+            url: None,
+            username: None,
+            password: None,
+            secret: None,
+            from: None,
+            pool_size: default_pool_size(),
+        }
+    }
+
+    pub fn serves_tenant(&self, tenant: &str) -> bool {
+        self.tenants.iter().any(|t| t == "*" || t == tenant)
+    }
+
+    /// The steady rate in calls per second (the tighter of the per-second
+    /// and per-minute limits), if limited.
+    pub fn rate_per_second(&self) -> Option<f64> {
+        let s = (self.per_second > 0).then_some(f64::from(self.per_second));
+        let m = (self.per_minute > 0).then_some(f64::from(self.per_minute) / 60.0);
+        match (s, m) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn effective_burst(&self) -> u32 {
+        if self.burst > 0 {
+            return self.burst;
+        }
+        self.rate_per_second().map(|r| ((r / 20.0) as u32).max(1)).unwrap_or(1)
+    }
+}
+
+/// A failure the sink injects for recipients containing `recipient_contains`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SinkFailure {
+    pub recipient_contains: String,
+    pub kind: SinkFailureKind,
+    /// The first this many attempts fail; 0 = every attempt.
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFailureKind {
+    /// A 4xx-style temporary refusal: retried.
+    Transient,
+    /// A 5xx-style refusal for good: failed at once.
+    Permanent,
+    /// The call never answers (the dispatcher's provider timeout decides).
+    Timeout,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,6 +232,8 @@ pub struct SinkConfig {
     pub dir: PathBuf,
     /// Simulated provider latency per call, in milliseconds.
     pub latency_ms: u64,
+    /// Failures injected for matching recipients (tests, demos).
+    pub failures: Vec<SinkFailure>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,15 +246,20 @@ pub struct ProjectorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatcherConfig {
-    /// Messages delivered concurrently per dispatcher instance.
-    pub concurrency: usize,
+    /// Records read ahead and in progress per dispatcher instance: the
+    /// governor can only share fairly and put transactional mail first
+    /// among messages it has seen.
+    pub max_in_flight: usize,
     /// How long a dispatcher may hold an attempted message before another
     /// instance declares it ambiguous. Longer than any provider call.
     pub claim_lease_secs: u32,
     /// Provider calls per message before it fails for good.
     pub max_attempts: u32,
-    /// Wait before the first retry; doubled for each further one.
+    /// Wait before the first retry; doubled for each further one, with up
+    /// to a quarter added at random (jitter).
     pub retry_backoff_ms: u64,
+    /// The longest wait between two attempts.
+    pub retry_backoff_max_ms: u64,
     /// A provider call that takes longer is abandoned as ambiguous.
     pub provider_timeout_ms: u64,
 }
@@ -142,6 +285,7 @@ impl Default for Config {
             sink: SinkConfig::default(),
             projector: ProjectorConfig::default(),
             dispatcher: DispatcherConfig::default(),
+            identities: vec![IdentityConfig::new("local-sink", ProviderKind::Sink)],
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -185,7 +329,7 @@ impl Default for SandboxConfig {
 
 impl Default for SinkConfig {
     fn default() -> Self {
-        SinkConfig { dir: PathBuf::from("var/sink"), latency_ms: 0 }
+        SinkConfig { dir: PathBuf::from("var/sink"), latency_ms: 0, failures: Vec::new() }
     }
 }
 
@@ -198,10 +342,11 @@ impl Default for ProjectorConfig {
 impl Default for DispatcherConfig {
     fn default() -> Self {
         DispatcherConfig {
-            concurrency: 64,
+            max_in_flight: 10_000,
             claim_lease_secs: 60,
             max_attempts: 3,
             retry_backoff_ms: 500,
+            retry_backoff_max_ms: 300_000,
             provider_timeout_ms: 30_000,
         }
     }
@@ -264,8 +409,29 @@ impl Config {
         if self.http.batch_max_recipients == 0 || self.http.batch_max_bytes < 4096 {
             return bad("http.batch_max_recipients must be at least 1 and http.batch_max_bytes at least 4096".into());
         }
-        if self.projector.batch_size == 0 || self.dispatcher.concurrency == 0 {
-            return bad("projector.batch_size and dispatcher.concurrency must be at least 1".into());
+        if self.projector.batch_size == 0 || self.dispatcher.max_in_flight == 0 {
+            return bad("projector.batch_size and dispatcher.max_in_flight must be at least 1".into());
+        }
+        if self.identities.is_empty() {
+            return bad("no sender identity is configured".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for i in &self.identities {
+            if i.name.trim().is_empty() || !names.insert(i.name.as_str()) {
+                return bad(format!("identity name {:?} is empty or used twice", i.name));
+            }
+            if i.concurrency == 0 || i.tenants.is_empty() {
+                return bad(format!("identity {:?}: concurrency and tenants must not be empty", i.name));
+            }
+            match i.provider {
+                ProviderKind::Smtp if i.url.is_none() => {
+                    return bad(format!("identity {:?}: an smtp identity needs a url", i.name))
+                }
+                ProviderKind::Webhook if i.secret.as_deref().unwrap_or_default().len() < 16 => {
+                    return bad(format!("identity {:?}: a webhook identity needs a secret of 16 bytes or more", i.name))
+                }
+                _ => {}
+            }
         }
         if !["text", "json"].contains(&self.telemetry.log_format.as_str()) {
             return bad(format!("telemetry.log_format {:?} is not text or json", self.telemetry.log_format));

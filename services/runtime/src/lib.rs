@@ -8,7 +8,7 @@ pub mod kafka;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use config::{Config, Mode};
+pub use config::{Config, IdentityConfig, Mode, ProviderKind, SinkFailure, SinkFailureKind};
 pub use error::RuntimeError;
 pub use shutdown::Shutdown;
 
