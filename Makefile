@@ -45,7 +45,12 @@ run: setup ## Run every role on local defaults, submit a demo, serve until Ctrl-
 	$(WITH_ENV) $(LEDGER) run all --demo $(DEMO)
 
 .PHONY: test
-test: infra-up compose-check ## Run the whole test suite against the local broker and PostgreSQL
+test-tools: ## Real protocol peers the tests talk to (an SMTP server from PyPI), in .local/venv
+	@if .local/venv/bin/python -c 'import aiosmtpd' 2>/dev/null; then echo "test-tools: aiosmtpd present"; else \
+	  python3 -m venv .local/venv && .local/venv/bin/pip install --quiet 'aiosmtpd==1.4.6'; fi
+
+.PHONY: test-tools
+test: infra-up compose-check test-tools ## Run the whole test suite against the local broker and PostgreSQL
 	infra/drop-test-databases.sh
 	@if cargo nextest --version >/dev/null 2>&1; then \
 	  $(WITH_ENV) cargo nextest run --workspace --no-fail-fast; \

@@ -1,6 +1,7 @@
 //! End-to-end tests: every role built through its production `build`,
 //! against the real broker and the real PostgreSQL.
 
+mod delivery;
 mod foundation;
 mod ingest;
 mod projection;

@@ -159,6 +159,19 @@ impl TestApp {
         Reply { status, headers, body }
     }
 
+    /// POSTs `body` to `path` as the tenant of `api_key`.
+    pub async fn post_as(&self, api_key: &str, path: &str, key: Option<&str>, body: &Value) -> Reply {
+        let mut request = self.http.post(self.url(path)).bearer_auth(api_key).json(body);
+        if let Some(k) = key {
+            request = request.header("idempotency-key", k);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Reply { status, headers, body }
+    }
+
     /// GETs `path` with `key` as the API key.
     pub async fn get_as(&self, key: &str, path: &str) -> Reply {
         let response = self.http.get(self.url(path)).bearer_auth(key).send().await.expect("request");
@@ -315,6 +328,65 @@ pub fn read_topic_raw(config: &Config, topic: Topic) -> Vec<Vec<u8>> {
         }
     }
     out
+}
+
+/// The workspace's root directory.
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+/// A real SMTP server (aiosmtpd, installed by `make test-tools` into
+/// `.local/venv`) on a free port, writing what it accepts to `dir`. Killed
+/// when dropped.
+pub struct SmtpServer {
+    pub port: u16,
+    pub dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl SmtpServer {
+    pub fn start() -> SmtpServer {
+        use std::io::BufRead;
+        let python = std::env::var("LEDGER_TEST_PYTHON")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| workspace_root().join(".local/venv/bin/python"));
+        assert!(python.exists(), "{} is missing: run `make test-tools`", python.display());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let dir = std::env::temp_dir().join("ledger-tests").join(format!("smtp-{}", uuid::Uuid::new_v4().simple()));
+        let mut child = std::process::Command::new(python)
+            .arg(workspace_root().join("tests/support/smtp_server.py"))
+            .arg(port.to_string())
+            .arg(&dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the SMTP server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+        assert_eq!(line.trim(), "ready", "the SMTP server did not start");
+        SmtpServer { port, dir, child }
+    }
+
+    /// Every message received, as raw text, in order.
+    pub fn received(&self) -> Vec<String> {
+        let mut files: Vec<_> = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files.iter().map(|p| std::fs::read_to_string(p).expect("message")).collect()
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout`.

@@ -408,7 +408,11 @@ impl Inner {
         let candidates: Vec<&Identity> = self
             .identities
             .iter()
-            .filter(|i| i.config.serves_tenant(tenant) && serves_channel(i.config.provider, channel))
+            .filter(|i| {
+                i.config.serves_tenant(tenant)
+                    && serves_channel(i.config.provider, channel)
+                    && (i.config.channels.is_empty() || i.config.channels.contains(&channel))
+            })
             .collect();
         if candidates.is_empty() {
             return None;

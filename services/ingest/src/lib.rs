@@ -15,6 +15,7 @@ pub mod problem;
 pub mod request;
 pub mod status;
 pub mod submit;
+pub mod suppressions;
 pub mod templates;
 pub mod tenants;
 pub mod validate;
@@ -28,6 +29,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
 use axum::{Json, Router};
 use ledger_runtime::{kafka, Config, RuntimeError, Shutdown};
 use rdkafka::producer::FutureProducer;
@@ -58,6 +60,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/messages/{id}"),
     ("post", "/v1/templates"),
     ("get", "/v1/templates/{name}"),
+    ("post", "/v1/suppressions"),
+    ("get", "/v1/suppressions/{recipient}"),
+    ("delete", "/v1/suppressions/{recipient}"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -89,10 +94,12 @@ pub async fn build(config: &Config) -> Result<Ingest, RuntimeError> {
         .route(ROUTES[5].1, get(status::message))
         .route(ROUTES[6].1, post(templates::create))
         .route(ROUTES[7].1, get(templates::list))
-        .route(ROUTES[8].1, get(|| async { "ok" }))
-        .route(ROUTES[9].1, get(ready))
-        .route(ROUTES[10].1, get(metrics_endpoint))
-        .route(ROUTES[11].1, get(openapi::serve))
+        .route(ROUTES[8].1, post(suppressions::create))
+        .route(ROUTES[9].1, get(suppressions::show).delete(suppressions::remove))
+        .route(ROUTES[11].1, get(|| async { "ok" }))
+        .route(ROUTES[12].1, get(ready))
+        .route(ROUTES[13].1, get(metrics_endpoint))
+        .route(ROUTES[14].1, get(openapi::serve))
         .fallback(|| async { problem::ApiError::NotFound })
         .layer(middleware::from_fn(observe))
         .with_state(state);

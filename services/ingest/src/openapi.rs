@@ -23,7 +23,7 @@ fn problem_responses(codes: &[u16]) -> Map<String, Value> {
             let description = match c {
                 400 => "Malformed body or missing Idempotency-Key",
                 401 => "Missing or unknown API key",
-                404 => "No such intent or message for this tenant",
+                404 => "No such resource for this tenant",
                 409 => "Idempotency-Key reused with another body",
                 413 => "Body too large",
                 415 => "Unsupported Content-Type",
@@ -63,6 +63,7 @@ pub fn document() -> Value {
     let header = generator.subschema_for::<CampaignHeader>();
     let cancel = generator.subschema_for::<CancelRequest>();
     let template = generator.subschema_for::<TemplateRequest>();
+    let suppression = generator.subschema_for::<crate::suppressions::SuppressionRequest>();
     let mut schemas: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
     schemas.insert(
         "Problem".into(),
@@ -114,6 +115,19 @@ pub fn document() -> Value {
         "summary": "A template's versions", "operationId": "getTemplate",
         "parameters": [{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }],
         "responses": merge(json!({ "200": accepted("Every version with its content.") }), problem_responses(&[401, 404])) } }));
+    paths.insert("/v1/suppressions".into(), json!({ "post": {
+        "summary": "Stop sending to recipients (unsubscribes, complaints, bounces, manual)", "operationId": "addSuppressions",
+        "description": "Every later attempt to a listed recipient, retries included, ends *suppressed* instead of delivered. An existing entry keeps its first reason.",
+        "requestBody": { "required": true, "content": { "application/json": { "schema": suppression } } },
+        "responses": merge(json!({ "200": accepted("Body: added, already_suppressed.") }), problem_responses(&[400, 401, 413, 415, 422])) } }));
+    let recipient_param = json!({ "name": "recipient", "in": "path", "required": true, "description": "Address or endpoint URL (URL-encoded); compared case-insensitively", "schema": { "type": "string" } });
+    paths.insert("/v1/suppressions/{recipient}".into(), json!({
+        "get": { "summary": "Whether and why a recipient is suppressed", "operationId": "getSuppression",
+                 "parameters": [recipient_param.clone()],
+                 "responses": merge(json!({ "200": accepted("recipient, reason, source, created_at.") }), problem_responses(&[401, 404])) },
+        "delete": { "summary": "Lift a suppression", "operationId": "deleteSuppression",
+                    "parameters": [recipient_param],
+                    "responses": merge(json!({ "204": { "description": "Lifted" } }), problem_responses(&[401, 404])) } }));
     paths.insert("/healthz".into(), json!({ "get": { "summary": "Liveness", "operationId": "healthz", "security": [], "responses": { "200": { "description": "Alive" } } } }));
     paths.insert("/readyz".into(), json!({ "get": { "summary": "Readiness: operational database and broker reachable", "operationId": "readyz", "security": [],
         "responses": { "200": { "description": "Ready" }, "503": { "description": "Not ready" } } } }));

@@ -63,6 +63,10 @@ pub struct IdentityConfig {
     /// Tenant ids routed to this identity; `*` routes every tenant.
     #[serde(default = "all_tenants")]
     pub tenants: Vec<String>,
+    /// Channels this identity carries; empty = every channel its provider
+    /// can carry.
+    #[serde(default)]
+    pub channels: Vec<ledger_schemas::Channel>,
     /// Provider calls allowed per second, minute and UTC day, in total over
     /// every dispatcher instance; 0 = no limit.
     #[serde(default)]
@@ -116,6 +120,7 @@ impl IdentityConfig {
             name: name.into(),
             provider,
             tenants: all_tenants(),
+            channels: Vec::new(),
             per_second: 0,
             per_minute: 0,
             per_day: 0,

@@ -1,0 +1,387 @@
+//! Delivery: failure classes and retries, suppression, the governor shared
+//! by tenants and by dispatcher instances, and the webhook and SMTP
+//! providers against real local servers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ledger_runtime::{IdentityConfig, ProviderKind, SinkFailure, SinkFailureKind};
+use ledger_schemas::{Channel, EventBody, Topic};
+use ledger_tests::*;
+use serde_json::{json, Value};
+
+fn email(to: &str) -> Value {
+    json!({ "to": to, "from": "shop@example.com",
+            "content": { "subject": "Hello", "text": "Hello there" } })
+}
+
+fn fail(recipient_contains: &str, kind: SinkFailureKind, attempts: u32) -> SinkFailure {
+    SinkFailure { recipient_contains: recipient_contains.into(), kind, attempts }
+}
+
+/// The delivery outcomes of one message on the log, in order.
+fn outcomes(app: &TestApp, message_id: &str) -> Vec<EventBody> {
+    app.read_topic(Topic::Outcomes)
+        .into_iter()
+        .filter(|e| e.message_id.map(|m| m.to_string()).as_deref() == Some(message_id))
+        .map(|e| e.body)
+        .collect()
+}
+
+async fn send(app: &TestApp, key: &str, body: &Value) -> String {
+    let reply = app.post("/v1/messages", Some(key), body).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    reply.body["message_id"].as_str().expect("message id").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_is_retried_later_then_delivered_once() {
+    let mut config = test_config();
+    config.sink.failures = vec![fail("flaky", SinkFailureKind::Transient, 2)];
+    config.dispatcher.retry_backoff_ms = 200;
+    let app = spawn_app_with(config).await;
+    let id = send(&app, "flaky-1", &email("flaky@example.com")).await;
+    let row = app.wait_for_status(&id, "delivered").await;
+    assert_eq!(row["attempts"], 3, "{row}");
+    assert_eq!(app.sink_deliveries(&id), 1);
+
+    let failures: Vec<_> = outcomes(&app, &id)
+        .into_iter()
+        .filter_map(|b| match b {
+            EventBody::DeliveryFailed(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    for (i, f) in failures.iter().enumerate() {
+        assert_eq!(f.attempt, i as u32 + 1);
+        assert!(!f.permanent);
+        assert_eq!(f.code, "sink_451");
+        assert_eq!(f.identity.as_deref(), Some("local-sink"));
+        assert!(f.retry_at.is_some(), "a retried failure says when the next attempt is due");
+    }
+    // The second wait is about twice the first (200 ms, then 400 ms, plus
+    // at most a quarter of jitter).
+    let retries = read_topic_raw(&app.config, Topic::Retries);
+    assert_eq!(retries.len(), 2, "one retry record per retry");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_run_out_and_a_permanent_refusal_fails_at_once() {
+    let mut config = test_config();
+    config.sink.failures =
+        vec![fail("always-busy", SinkFailureKind::Transient, 0), fail("no-such", SinkFailureKind::Permanent, 0)];
+    let app = spawn_app_with(config).await;
+    let busy = send(&app, "busy", &email("always-busy@example.com")).await;
+    let gone = send(&app, "gone", &email("no-such@example.com")).await;
+    let ok = send(&app, "ok", &email("fine@example.com")).await;
+
+    let row = app.wait_for_status(&busy, "failed").await;
+    assert_eq!(row["attempts"], 3, "max_attempts is 3: {row}");
+    assert_eq!(row["last_error_code"], "sink_451");
+    let row = app.wait_for_status(&gone, "failed").await;
+    assert_eq!(row["attempts"], 1, "a permanent refusal is not retried: {row}");
+    assert_eq!(row["last_error_code"], "sink_550");
+    app.wait_for_status(&ok, "delivered").await;
+    assert_eq!((app.sink_deliveries(&busy), app.sink_deliveries(&gone), app.sink_deliveries(&ok)), (0, 0, 1));
+    let last = outcomes(&app, &busy).into_iter().rev().find_map(|b| match b {
+        EventBody::DeliveryFailed(f) => Some(f),
+        _ => None,
+    });
+    let last = last.expect("a failure");
+    assert!(last.permanent && last.retry_at.is_none(), "{last:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_never_answers_is_ambiguous_and_not_resent_blindly() {
+    let mut config = test_config();
+    config.sink.failures = vec![fail("black-hole", SinkFailureKind::Timeout, 0)];
+    config.dispatcher.provider_timeout_ms = 300;
+    config.dispatcher.claim_lease_secs = 2;
+    let app = spawn_app_with(config).await;
+    let id = send(&app, "hole", &email("black-hole@example.com")).await;
+    let row = app.wait_for_status(&id, "ambiguous").await;
+    assert_eq!(row["attempts"], 1);
+    let state: String =
+        sqlx::query_scalar("-- tests::claim_state\nSELECT state FROM delivery_claims WHERE message_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.ops)
+            .await
+            .expect("claim");
+    assert_eq!(state, "ambiguous");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let attempts = outcomes(&app, &id).iter().filter(|b| matches!(b, EventBody::DeliveryAttempted(_))).count();
+    assert_eq!(attempts, 1, "the sink honours no idempotency key, so there is no second call");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suppressed_recipient_gets_a_suppressed_outcome_until_the_suppression_is_lifted() {
+    let app = spawn_app().await;
+    let add = app
+        .post("/v1/suppressions", None, &json!({ "recipients": ["Gone@Example.com"], "reason": "unsubscribe" }))
+        .await;
+    assert_eq!(add.status, 200, "{}", add.body);
+    assert_eq!(add.body["added"], 1);
+    let again =
+        app.post("/v1/suppressions", None, &json!({ "recipients": ["gone@example.com"], "reason": "complaint" })).await;
+    assert_eq!((again.body["added"].as_u64(), again.body["already_suppressed"].as_u64()), (Some(0), Some(1)));
+
+    let id = send(&app, "to-gone", &email("gone@example.com")).await;
+    let row = app.wait_for_status(&id, "suppressed").await;
+    assert_eq!(app.sink_deliveries(&id), 0);
+    assert!(row["suppressed_at"].is_string(), "{row}");
+    let reason = outcomes(&app, &id).into_iter().find_map(|b| match b {
+        EventBody::Suppressed(s) => Some(s.reason),
+        _ => None,
+    });
+    assert_eq!(reason, Some(ledger_schemas::SuppressionReason::SuppressionList));
+
+    let shown = app.get_as(&app.api_key, "/v1/suppressions/gone@example.com").await;
+    assert_eq!((shown.status, shown.body["reason"].as_str()), (200, Some("unsubscribe")));
+    let other = app.other_tenant("globex").await;
+    assert_eq!(app.get_as(&other, "/v1/suppressions/gone@example.com").await.status, 404, "tenants' lists are apart");
+
+    let bad = app.post("/v1/suppressions", None, &json!({ "recipients": [], "reason": "unsubscribe" })).await;
+    assert_eq!(bad.status, 422);
+    assert_eq!(bad.body["errors"][0]["field"], "recipients");
+    let bad = app.post("/v1/suppressions", None, &json!({ "recipients": ["a@example.com"], "reason": "bored" })).await;
+    assert_eq!(bad.status, 400);
+
+    let lifted = app
+        .http()
+        .delete(app.url("/v1/suppressions/GONE@example.com"))
+        .bearer_auth(&app.api_key)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(lifted.status(), 204);
+    let id = send(&app, "to-gone-again", &email("gone@example.com")).await;
+    app.wait_for_status(&id, "delivered").await;
+    app.stop().await;
+}
+
+/// Positions in the sink's delivery order of recipients containing `needle`.
+fn positions(app: &TestApp, needle: &str) -> Vec<usize> {
+    ledger_dispatcher::sink::read_deliveries(&app.config.sink.dir)
+        .expect("sink")
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.recipient.contains(needle))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_is_shared_fairly_between_tenants_and_transactional_mail_goes_first() {
+    let mut config = test_config();
+    let mut identity = IdentityConfig::new("shared", ProviderKind::Sink);
+    identity.per_second = 20;
+    identity.burst = 1;
+    config.identities = vec![identity];
+    let app = spawn_app_with(config).await;
+    let recipients: Vec<Value> =
+        (0..120).map(|i| json!({ "address": format!("bulk-{i}@example.com"), "variables": {} })).collect();
+    let campaign = json!({ "name": "big", "from": "news@example.com", "priority": "bulk",
+                           "content": { "subject": "News", "text": "News" }, "recipients": recipients });
+    let reply = app.post("/v1/campaigns", Some("big"), &campaign).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let big = reply.body["intent_id"].as_str().expect("id").to_owned();
+    eventually("the campaign under way", Duration::from_secs(30), || async { (app.sink_total() >= 5).then_some(()) })
+        .await;
+    let started = app.sink_total();
+
+    // Another tenant's bulk mail, and the first tenant's transactional mail.
+    let beta = app.other_tenant("beta").await;
+    let batch = json!({ "messages": (0..10).map(|i| json!({ "to": format!("beta-{i}@example.com"), "priority": "bulk",
+        "content": { "subject": "B", "text": "B" } })).collect::<Vec<_>>() });
+    assert_eq!(app.post_as(&beta, "/v1/messages/batch", Some("beta"), &batch).await.status, 202);
+    for i in 0..5 {
+        let body = json!({ "to": format!("receipt-{i}@example.com"), "priority": "transactional",
+                           "content": { "subject": "Receipt", "text": "R" } });
+        send(&app, &format!("receipt-{i}"), &body).await;
+    }
+    app.wait_terminal(&big, 120, Duration::from_secs(60)).await;
+    eventually("every message delivered", Duration::from_secs(30), || async {
+        (app.sink_total() == 135).then_some(())
+    })
+    .await;
+
+    let receipts = positions(&app, "receipt-");
+    let betas = positions(&app, "beta-");
+    let bulk_after: Vec<usize> = positions(&app, "bulk-").into_iter().filter(|p| *p > started).collect();
+    assert!(bulk_after.len() > 60, "the campaign still had most of its recipients waiting");
+    // Transactional mail overtakes the waiting bulk mail at once...
+    let last_receipt = *receipts.iter().max().expect("receipts");
+    assert!(last_receipt < started + 25, "receipts at {receipts:?}, submitted after delivery {started}");
+    // ...and the second tenant takes turns with the first instead of
+    // waiting behind the 100-odd messages it queued earlier.
+    let last_beta = *betas.iter().max().expect("betas");
+    assert!(last_beta < started + 50, "beta at {betas:?}, submitted after delivery {started}");
+    assert!(*bulk_after.iter().max().expect("bulk") > last_beta, "the first tenant's bulk mail went on afterwards");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatcher_instances_together_stay_within_the_identity_rate() {
+    let mut config = test_config();
+    let mut identity = IdentityConfig::new("limited", ProviderKind::Sink);
+    identity.per_second = 25;
+    identity.burst = 1;
+    config.identities = vec![identity];
+    let app = spawn_app_with(config.clone()).await;
+    let second = ledger_dispatcher::build(&config).await.expect("second dispatcher");
+    let shutdown = app.shutdown.clone();
+    let second = tokio::spawn(async move { second.run(shutdown).await });
+
+    let recipients: Vec<Value> =
+        (0..100).map(|i| json!({ "address": format!("r{i}@example.com"), "variables": {} })).collect();
+    let campaign = json!({ "name": "limited", "from": "news@example.com",
+                           "content": { "subject": "S", "text": "T" }, "recipients": recipients });
+    let reply = app.post("/v1/campaigns", Some("limited"), &campaign).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let intent = reply.body["intent_id"].as_str().expect("id").to_owned();
+    let counts = app.wait_terminal(&intent, 100, Duration::from_secs(60)).await;
+    assert_eq!(counts.get("delivered"), Some(&100), "{counts:?}");
+
+    let mut times: Vec<_> = ledger_dispatcher::sink::read_deliveries(&app.config.sink.dir)
+        .expect("sink")
+        .iter()
+        .map(|r| r.received_at)
+        .collect();
+    times.sort();
+    // At 25 calls a second with a burst of 1, no second-long window holds
+    // more than 26 calls (one in flight at either edge), and the 100 calls
+    // take at least (100 − 1) / 25 s.
+    for (i, t) in times.iter().enumerate() {
+        let in_window = times[i..].iter().take_while(|u| **u - *t < chrono::Duration::seconds(1)).count();
+        assert!(in_window <= 26, "{in_window} calls within a second from {t}");
+    }
+    let span = (times[99] - times[0]).num_milliseconds();
+    assert!(span >= 3_900, "100 calls took only {span} ms");
+    let instances: i64 = sqlx::query_scalar(
+        "-- tests::instances\nSELECT count(DISTINCT claimed_by) FROM delivery_claims WHERE state = 'done'",
+    )
+    .fetch_one(&app.ops)
+    .await
+    .expect("instances");
+    assert_eq!(instances, 2, "both instances delivered");
+    app.shutdown.trigger();
+    second.await.expect("join").expect("second dispatcher");
+    app.stop().await;
+}
+
+/// A webhook receiver: checks every signature, answers by path.
+#[derive(Clone, Default)]
+struct Receiver {
+    calls: Arc<Mutex<Vec<(String, String, bool)>>>,
+    seen: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+async fn receive(
+    axum::extract::State(r): axum::extract::State<Receiver>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let id = h("webhook-id");
+    let ts: i64 = h("webhook-timestamp").parse().unwrap_or_default();
+    let valid = ledger_dispatcher::webhook::signature(SECRET.as_bytes(), &id, ts, &body) == h("webhook-signature");
+    r.calls.lock().expect("lock").push((path.clone(), id.clone(), valid));
+    let n = {
+        let mut seen = r.seen.lock().expect("lock");
+        let n = seen.entry(id).or_default();
+        *n += 1;
+        *n
+    };
+    match path.as_str() {
+        "gone" => axum::http::StatusCode::GONE,
+        "flaky" if n == 1 => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        _ if !valid => axum::http::StatusCode::UNAUTHORIZED,
+        _ => axum::http::StatusCode::NO_CONTENT,
+    }
+}
+
+const SECRET: &str = "whsec-test-0123456789abcdef";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_and_the_receivers_answers_decide_the_outcome() {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = axum::Router::new().route("/{path}", axum::routing::post(receive)).with_state(receiver.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let mut config = test_config();
+    let mut sink = IdentityConfig::new("sink", ProviderKind::Sink);
+    sink.channels = vec![Channel::Email];
+    let mut hooks = IdentityConfig::new("hooks", ProviderKind::Webhook);
+    hooks.secret = Some(SECRET.into());
+    config.identities = vec![sink, hooks];
+    let app = spawn_app_with(config).await;
+    let hook = |path: &str| {
+        json!({ "channel": "webhook", "to": format!("http://{addr}/{path}"),
+                "content": { "json": { "event": "order.shipped", "order": 42 } } })
+    };
+    let ok = send(&app, "hook-ok", &hook("ok")).await;
+    let flaky = send(&app, "hook-flaky", &hook("flaky")).await;
+    let gone = send(&app, "hook-gone", &hook("gone")).await;
+
+    let row = app.wait_for_status(&ok, "delivered").await;
+    assert_eq!(row["attempts"], 1);
+    let row = app.wait_for_status(&flaky, "delivered").await;
+    assert_eq!(row["attempts"], 2, "503 is retried: {row}");
+    let row = app.wait_for_status(&gone, "failed").await;
+    assert_eq!((row["attempts"].as_i64(), row["last_error_code"].as_str()), (Some(1), Some("http_410")));
+
+    let calls = receiver.calls.lock().expect("lock").clone();
+    assert!(calls.iter().all(|(_, _, valid)| *valid), "every call carried a valid signature: {calls:?}");
+    let by_path =
+        |p: &str| calls.iter().filter(|(path, _, _)| path == p).map(|(_, id, _)| id.clone()).collect::<Vec<_>>();
+    assert_eq!(by_path("ok"), vec![ok.clone()], "webhook-id is the message id");
+    assert_eq!(by_path("flaky"), vec![flaky.clone(), flaky.clone()], "the retry carries the same id");
+    assert_eq!(by_path("gone").len(), 1, "a 4xx is not retried");
+    let attempted_via = outcomes(&app, &ok).into_iter().find_map(|b| match b {
+        EventBody::DeliveryAttempted(a) => Some((a.provider, a.identity)),
+        _ => None,
+    });
+    assert_eq!(attempted_via, Some(("webhook".into(), Some("hooks".into()))));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_delivers_to_a_real_server_and_its_replies_decide_the_outcome() {
+    let server = SmtpServer::start();
+    let mut config = test_config();
+    let mut smtp = IdentityConfig::new("mail", ProviderKind::Smtp);
+    smtp.url = Some(format!("smtp://127.0.0.1:{}", server.port));
+    config.identities = vec![smtp];
+    config.sink.failures.clear();
+    let app = spawn_app_with(config).await;
+    let body = json!({ "to": "ann@example.com", "from": "shop@example.com", "variables": { "name": "Ann" },
+                       "content": { "subject": "Order for {{ name }}", "text": "Hello {{ name }}",
+                                    "html": "<p>Hello {{ name }}</p>" } });
+    let ok = send(&app, "smtp-ok", &body).await;
+    let perm = send(&app, "smtp-perm", &email("reject-perm@example.com")).await;
+    let temp = send(&app, "smtp-temp", &email("reject-temp@example.com")).await;
+
+    let row = app.wait_for_status(&ok, "delivered").await;
+    assert!(row["provider_message_id"].as_str().unwrap_or_default().contains("queued as smtp-"), "{row}");
+    let row = app.wait_for_status(&perm, "failed").await;
+    assert_eq!((row["attempts"].as_i64(), row["last_error_code"].as_str()), (Some(1), Some("smtp_550")));
+    let row = app.wait_for_status(&temp, "failed").await;
+    assert_eq!((row["attempts"].as_i64(), row["last_error_code"].as_str()), (Some(3), Some("smtp_451")));
+
+    let received = server.received();
+    assert_eq!(received.len(), 1, "only the accepted message arrived");
+    let mail = &received[0];
+    assert!(mail.contains("X-Envelope-To: ann@example.com"), "{mail}");
+    assert!(mail.contains("Subject: Order for Ann"), "{mail}");
+    assert!(mail.contains(&format!("Message-ID: <{ok}@delivery-ledger>")), "{mail}");
+    assert!(mail.contains("Hello Ann") && mail.contains("<p>Hello Ann</p>"), "{mail}");
+    app.stop().await;
+}
