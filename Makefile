@@ -52,6 +52,7 @@ test-tools: ## Real protocol peers the tests talk to (an SMTP server from PyPI),
 .PHONY: test-tools
 test: infra-up compose-check test-tools ## Run the whole test suite against the local broker and PostgreSQL
 	infra/drop-test-databases.sh
+	cargo build -p ledger  # tests run it as a process of its own
 	@if cargo nextest --version >/dev/null 2>&1; then \
 	  $(WITH_ENV) cargo nextest run --workspace --no-fail-fast; \
 	else \

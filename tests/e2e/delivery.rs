@@ -385,3 +385,86 @@ async fn smtp_delivers_to_a_real_server_and_its_replies_decide_the_outcome() {
     assert!(mail.contains("Hello Ann") && mail.contains("<p>Hello Ann</p>"), "{mail}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_dispatcher_process_sends_nothing_twice_and_reports_what_is_ambiguous() {
+    let mut config = test_config();
+    config.sink.latency_ms = 300;
+    config.identities[0].concurrency = 16;
+    config.dispatcher.claim_lease_secs = 3;
+    config.dispatcher.provider_timeout_ms = 2_000;
+    let app = spawn_app_without_dispatcher(config.clone()).await;
+    let mut dispatcher = ledger_process(&config, &["run", "dispatch"]);
+
+    let recipients: Vec<Value> =
+        (0..200).map(|i| json!({ "address": format!("k{i}@example.com"), "variables": {} })).collect();
+    let campaign = json!({ "name": "crash", "from": "news@example.com",
+                           "content": { "subject": "S", "text": "T" }, "recipients": recipients });
+    let reply = app.post("/v1/campaigns", Some("crash"), &campaign).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let intent = uuid::Uuid::parse_str(reply.body["intent_id"].as_str().expect("id")).expect("uuid");
+    eventually("deliveries under way", Duration::from_secs(60), || async { (app.sink_total() >= 30).then_some(()) })
+        .await;
+    dispatcher.kill().expect("SIGKILL");
+    dispatcher.wait().expect("reaped");
+    let at_kill = app.sink_total();
+    assert!(at_kill < 200, "killed mid-campaign");
+
+    let mut dispatcher = ledger_process(&config, &["run", "dispatch"]);
+    let settled = eventually("every message settled", Duration::from_secs(90), || async {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "-- tests::settled
+             SELECT status, count(*) FROM messages WHERE intent_id = $1 GROUP BY status",
+        )
+        .bind(intent)
+        .fetch_all(&app.reporting)
+        .await
+        .expect("query");
+        let counts: HashMap<String, i64> = rows.into_iter().collect();
+        let settled = counts.get("delivered").copied().unwrap_or(0) + counts.get("ambiguous").copied().unwrap_or(0);
+        (settled == 200).then_some(counts)
+    })
+    .await;
+    let _ = std::process::Command::new("kill").args(["-TERM", &dispatcher.id().to_string()]).status();
+    let exit = dispatcher.wait().expect("reaped");
+    assert!(exit.success(), "a SIGTERM is a clean stop: {exit:?}");
+
+    let sink = ledger_dispatcher::sink::read_deliveries(&app.config.sink.dir).expect("sink");
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for r in &sink {
+        *per_id.entry(r.message_id.to_string()).or_default() += 1;
+    }
+    let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered twice: {twice:?}");
+    let delivered: Vec<String> = sqlx::query_scalar(
+        "-- tests::delivered_ids\nSELECT message_id::text FROM messages WHERE intent_id = $1 AND status = 'delivered'",
+    )
+    .bind(intent)
+    .fetch_all(&app.reporting)
+    .await
+    .expect("query");
+    assert!(delivered.iter().all(|id| per_id.get(id) == Some(&1)), "every delivered message reached the sink once");
+    let ambiguous: Vec<String> = sqlx::query_scalar(
+        "-- tests::ambiguous_ids\nSELECT message_id::text FROM messages WHERE intent_id = $1 AND status = 'ambiguous' ORDER BY 1",
+    )
+    .bind(intent)
+    .fetch_all(&app.reporting)
+    .await
+    .expect("query");
+    assert!(!ambiguous.is_empty(), "calls were in flight at the kill: {settled:?}");
+    assert_eq!(delivered.len() + ambiguous.len(), 200);
+
+    // The CLI reports exactly those.
+    let out = std::process::Command::new(ledger_bin())
+        .arg("ambiguous")
+        .env("LEDGER_CONFIG", config.sink.dir.parent().expect("dir").join("ledger.toml"))
+        .output()
+        .expect("ledger ambiguous");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with(&format!("{} ambiguous message(s)", ambiguous.len())), "{text}");
+    for id in &ambiguous {
+        assert!(text.contains(id.as_str()), "{id} not listed:\n{text}");
+    }
+    app.stop().await;
+}

@@ -106,6 +106,16 @@ pub async fn spawn_app_with(config: Config) -> TestApp {
 
 /// The ingest API alone (`pipeline == false`), or with every other role.
 pub async fn spawn_roles(config: Config, pipeline: bool) -> TestApp {
+    spawn(config, pipeline, pipeline).await
+}
+
+/// Every role but the dispatcher, which the test runs as a process of its
+/// own (`ledger_process`).
+pub async fn spawn_app_without_dispatcher(config: Config) -> TestApp {
+    spawn(config, true, false).await
+}
+
+async fn spawn(config: Config, pipeline: bool, dispatcher: bool) -> TestApp {
     ledger_runtime::telemetry::init(&config.telemetry);
     prepare(&config).await.expect("topics and databases");
     let ops = ledger_runtime::db::pool(&config.ops_database_url, 4).await.expect("ops pool");
@@ -123,9 +133,11 @@ pub async fn spawn_roles(config: Config, pipeline: bool) -> TestApp {
         let renderer = ledger_renderer::build(&config).await.expect("renderer");
         let s = shutdown.clone();
         tasks.spawn(async move { renderer.run(s).await.map_err(anyhow::Error::from) });
-        let dispatcher = ledger_dispatcher::build(&config).await.expect("dispatcher");
-        let s = shutdown.clone();
-        tasks.spawn(async move { dispatcher.run(s).await.map_err(anyhow::Error::from) });
+        if dispatcher {
+            let dispatcher = ledger_dispatcher::build(&config).await.expect("dispatcher");
+            let s = shutdown.clone();
+            tasks.spawn(async move { dispatcher.run(s).await.map_err(anyhow::Error::from) });
+        }
         let projector = ledger_projector::build(&config).await.expect("projector");
         let s = shutdown.clone();
         tasks.spawn(async move { projector.run(s).await.map_err(anyhow::Error::from) });
@@ -328,6 +340,34 @@ pub fn read_topic_raw(config: &Config, topic: Topic) -> Vec<Vec<u8>> {
         }
     }
     out
+}
+
+/// The `ledger` binary next to the test executable (built by the same
+/// `cargo nextest run --workspace`), or `LEDGER_TEST_BIN`.
+pub fn ledger_bin() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("LEDGER_TEST_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
+    let bin = dir.join("ledger");
+    assert!(bin.exists(), "{} is missing: build the workspace first (cargo build)", bin.display());
+    bin
+}
+
+/// A `ledger` process with `args`, configured by `config` (written to a
+/// TOML file next to its sink directory).
+pub fn ledger_process(config: &Config, args: &[&str]) -> std::process::Child {
+    let dir = config.sink.dir.parent().expect("test directory").to_path_buf();
+    std::fs::create_dir_all(&dir).expect("test directory");
+    let file = dir.join("ledger.toml");
+    std::fs::write(&file, toml::to_string(config).expect("config as TOML")).expect("config file");
+    std::process::Command::new(ledger_bin())
+        .args(args)
+        .env("LEDGER_CONFIG", &file)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("start ledger")
 }
 
 /// The workspace's root directory.

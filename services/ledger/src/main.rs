@@ -54,6 +54,16 @@ enum Command {
     },
     /// Messages by status, from the reporting read model.
     Summary,
+    /// Messages whose delivery is ambiguous (the provider was called, the
+    /// outcome is unknown), held for reconciliation; from the operational
+    /// store, which decides them.
+    Ambiguous {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// At most this many, oldest first.
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -199,6 +209,41 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
                     };
                     anyhow::bail!("{e}{detail}");
                 }
+            }
+            Ok(())
+        }
+        Command::Ambiguous { tenant, limit } => {
+            let ops = ledger_runtime::db::pool(&config.ops_database_url, 1).await?;
+            let rows: Vec<(
+                uuid::Uuid,
+                String,
+                i32,
+                Option<String>,
+                chrono::DateTime<chrono::Utc>,
+                Option<serde_json::Value>,
+            )> = sqlx::query_as(
+                "-- ledger::ambiguous
+                     SELECT message_id, tenant_id, attempt, identity, updated_at, outcome FROM delivery_claims
+                     WHERE state = 'ambiguous' AND ($1::text IS NULL OR tenant_id = $1)
+                     ORDER BY updated_at LIMIT $2",
+            )
+            .bind(&tenant)
+            .bind(limit)
+            .fetch_all(&ops)
+            .await?;
+            println!("{} ambiguous message(s)", rows.len());
+            for (id, tenant, attempt, identity, since, outcome) in rows {
+                let reason = outcome
+                    .as_ref()
+                    .and_then(|o| o.pointer("/data/reason"))
+                    .and_then(|r| r.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                println!(
+                    "{id}  tenant={tenant}  attempt={attempt}  identity={}  since={}  {reason}",
+                    identity.unwrap_or_default(),
+                    since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                );
             }
             Ok(())
         }
