@@ -214,14 +214,7 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
         Command::Ambiguous { tenant, limit } => {
             let ops = ledger_runtime::db::pool(&config.ops_database_url, 1).await?;
-            let rows: Vec<(
-                uuid::Uuid,
-                String,
-                i32,
-                Option<String>,
-                chrono::DateTime<chrono::Utc>,
-                Option<serde_json::Value>,
-            )> = sqlx::query_as(
+            let rows: Vec<AmbiguousRow> = sqlx::query_as(
                 "-- ledger::ambiguous
                      SELECT message_id, tenant_id, attempt, identity, updated_at, outcome FROM delivery_claims
                      WHERE state = 'ambiguous' AND ($1::text IS NULL OR tenant_id = $1)
@@ -254,6 +247,9 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
     }
 }
+
+/// message id, tenant, attempt, identity, since, recorded outcome
+type AmbiguousRow = (uuid::Uuid, String, i32, Option<String>, chrono::DateTime<chrono::Utc>, Option<serde_json::Value>);
 
 /// Hides a password in a database URL.
 fn redact(url: &str) -> String {
