@@ -90,6 +90,10 @@ bench-ingest: infra-up ## Ingest throughput and latency per form, as ratios to r
 bench-render: infra-up ## Renderer throughput on a 300,000-recipient campaign, as a ratio to raw consume+produce
 	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-render
 
+.PHONY: bench-deliver
+bench-deliver: infra-up ## Dispatcher throughput (sink) as a ratio to raw consume; a 6,000/min governor over 60 s with two instances
+	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-deliver
+
 .PHONY: bench-project
 bench-project: infra-up ## Projection rows/s as a ratio to raw binary COPY into the same table
 	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-project

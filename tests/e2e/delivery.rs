@@ -253,12 +253,14 @@ async fn two_dispatcher_instances_together_stay_within_the_identity_rate() {
         .map(|r| r.received_at)
         .collect();
     times.sort();
-    // At 25 calls a second with a burst of 1, no second-long window holds
-    // more than 26 calls (one in flight at either edge), and the 100 calls
-    // take at least (100 − 1) / 25 s.
+    // At 25 calls a second with a burst of 1, the 100 calls take at least
+    // (100 − 1) / 25 s, and no second-long window holds many more than 26
+    // (the sink's clock reads the call a little after the governor allowed
+    // it, more so on a loaded test machine). Two instances each spending
+    // the whole budget would show about 50, and no governor at all 100.
     for (i, t) in times.iter().enumerate() {
         let in_window = times[i..].iter().take_while(|u| **u - *t < chrono::Duration::seconds(1)).count();
-        assert!(in_window <= 26, "{in_window} calls within a second from {t}");
+        assert!(in_window <= 32, "{in_window} calls within a second from {t}");
     }
     let span = (times[99] - times[0]).num_milliseconds();
     assert!(span >= 3_900, "100 calls took only {span} ms");

@@ -147,6 +147,22 @@ impl Governor {
         granted
     }
 
+    /// Hands a permission that turned out not to be needed (the message was
+    /// claimed elsewhere meanwhile) to the next waiter, so that duplicates
+    /// seen after a rebalance do not eat the budget.
+    pub fn pass_on(&self) {
+        if self.limits.is_none() {
+            return;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(waiter) = q.pop() {
+            if waiter.send(()).is_ok() {
+                return;
+            }
+        }
+        // Nobody waiting here: the call is lost, never saved up.
+    }
+
     fn waiting(&self) -> usize {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).len
     }

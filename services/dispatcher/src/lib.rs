@@ -70,6 +70,9 @@ pub struct Dispatcher {
     retries: kafka::LedgerConsumer,
     producer: FutureProducer,
     ops: PgPool,
+    /// The governors' own connections: their reservations must not queue
+    /// behind the work of thousands of messages read ahead.
+    governor_pool: PgPool,
     providers: Vec<(IdentityConfig, Arc<dyn Provider>)>,
     instance: String,
 }
@@ -87,6 +90,10 @@ struct Inner {
     producer: FutureProducer,
     ops: PgPool,
     identities: Vec<Identity>,
+    /// Bounds the lookups of messages read ahead, so that thousands of them
+    /// never queue in front of the calls the governor just allowed (which
+    /// would bunch those calls up at the provider).
+    looks: Semaphore,
     /// Identifies this process in claims.
     instance: String,
 }
@@ -147,6 +154,7 @@ pub async fn build(config: &Config) -> Result<Dispatcher, RuntimeError> {
         retries: kafka::consumer(config, ConsumerGroup::DispatcherRetries, &[Topic::Retries])?,
         producer: kafka::producer(config)?,
         ops: ledger_runtime::db::pool(&config.ops_database_url, 32).await?,
+        governor_pool: ledger_runtime::db::pool(&config.ops_database_url, 2).await?,
         providers,
         instance: format!("dispatcher-{}", uuid::Uuid::new_v4()),
     })
@@ -192,7 +200,7 @@ impl Dispatcher {
             .providers
             .into_iter()
             .map(|(config, provider)| Identity {
-                governor: Governor::start(&config, self.ops.clone(), shutdown.clone()),
+                governor: Governor::start(&config, self.governor_pool.clone(), shutdown.clone()),
                 slots: Semaphore::new(config.concurrency),
                 config,
                 provider,
@@ -203,6 +211,7 @@ impl Dispatcher {
             producer: self.producer,
             ops: self.ops,
             identities,
+            looks: Semaphore::new(16),
             instance: self.instance,
         });
         tracing::info!(
@@ -462,7 +471,10 @@ impl Inner {
             if shutdown.is_triggered() {
                 return Err(DispatchError::Shutdown);
             }
-            let look = self.look(event, message, id).await?;
+            let look = {
+                let Ok(_turn) = self.looks.acquire().await else { return Err(DispatchError::Shutdown) };
+                self.look(event, message, id).await?
+            };
             let attempt = look.attempt.unwrap_or(1).max(1) as u32;
             let mine = look.claimed_by.as_deref() == Some(self.instance.as_str());
             let live = look.live.unwrap_or(false);
@@ -588,8 +600,12 @@ impl Inner {
                         return Ok(());
                     }
                 }
-                // Lost a race, or cancelled meanwhile: look again.
-                None => sleep(shutdown, Duration::from_millis(20)).await?,
+                // Lost a race, or cancelled meanwhile: look again, and let
+                // someone else use the permission.
+                None => {
+                    identity.governor.pass_on();
+                    sleep(shutdown, Duration::from_millis(20)).await?
+                }
             }
         }
     }

@@ -12,7 +12,7 @@ use ledger_runtime::{SinkFailure, SinkFailureKind};
 use ledger_schemas::{MessageId, MessageRendered};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::provider::{Accepted, Delivery, Provider, ProviderError};
 
@@ -32,16 +32,21 @@ pub struct SinkRecord {
 }
 
 pub struct SinkProvider {
-    file: Mutex<tokio::fs::File>,
+    writer: mpsc::Sender<(Vec<u8>, oneshot::Sender<std::io::Result<()>>)>,
     latency: Duration,
     failures: Vec<SinkFailure>,
 }
+
+/// Most lines written and synced together.
+const GROUP: usize = 1_024;
 
 impl SinkProvider {
     pub async fn open(dir: &Path, latency: Duration, failures: Vec<SinkFailure>) -> std::io::Result<SinkProvider> {
         tokio::fs::create_dir_all(dir).await?;
         let file = tokio::fs::OpenOptions::new().create(true).append(true).open(dir.join(FILE_NAME)).await?;
-        Ok(SinkProvider { file: Mutex::new(file), latency, failures })
+        let (writer, rx) = mpsc::channel(GROUP * 4);
+        tokio::spawn(write_groups(file, rx));
+        Ok(SinkProvider { writer, latency, failures })
     }
 
     /// The failure injected for this call, if any.
@@ -69,10 +74,37 @@ impl SinkProvider {
         };
         let mut line = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        let mut file = self.file.lock().await;
-        file.write_all(&line).await?;
-        file.sync_data().await?;
+        let (tx, rx) = oneshot::channel();
+        let gone = || std::io::Error::other("the sink writer stopped");
+        self.writer.send((line, tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())??;
         Ok(provider_message_id)
+    }
+}
+
+/// Group commit: whatever lines are waiting go out in one write and one
+/// sync, and every caller hears back only after the sync.
+async fn write_groups(
+    mut file: tokio::fs::File,
+    mut rx: mpsc::Receiver<(Vec<u8>, oneshot::Sender<std::io::Result<()>>)>,
+) {
+    let mut waiting = Vec::with_capacity(GROUP);
+    let mut buffer = Vec::new();
+    while rx.recv_many(&mut waiting, GROUP).await > 0 {
+        buffer.clear();
+        for (line, _) in &waiting {
+            buffer.extend_from_slice(line);
+        }
+        let result = match file.write_all(&buffer).await {
+            Ok(()) => file.sync_data().await,
+            Err(e) => Err(e),
+        };
+        for (_, reply) in waiting.drain(..) {
+            let _ = reply.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+        }
     }
 }
 
@@ -98,8 +130,8 @@ impl Provider for SinkProvider {
             }
             match self.record(delivery).await {
                 Ok(id) => Ok(Accepted { provider_message_id: Some(id) }),
-                // Nothing was recorded: safe to try again.
-                Err(e) => Err(ProviderError::transient("sink_io", e.to_string())),
+                // A failed write or sync may have left the line on disk.
+                Err(e) => Err(ProviderError::ambiguous("sink_io", e.to_string())),
             }
         })
     }

@@ -1,0 +1,226 @@
+//! `make bench-deliver`: the dispatcher with the sink provider.
+//!
+//! 1. Throughput, governor off: rendered messages already on the topic,
+//!    delivered by one dispatcher (claims, attempted and outcome events,
+//!    durable sink), as a ratio to a raw consume of the same records in the
+//!    same run.
+//! 2. The governor: a 6,000-a-minute identity served by two dispatcher
+//!    instances with more than a minute's worth of messages waiting; the
+//!    deliveries in the first 60 s against 6,000.
+//!
+//! Prints a table and writes bench-out/deliver.{json,md}.
+
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use ledger_runtime::{kafka, Config, IdentityConfig, ProviderKind, Shutdown};
+use ledger_schemas::{
+    Channel, Event, EventBody, EventId, IntentId, MessageId, MessageRendered, Priority, TenantId, Topic,
+};
+use ledger_tests::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::json;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const MESSAGES: usize = 30_000;
+const GOVERNED: usize = 7_000;
+
+fn rendered(intent: IntentId, n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            let recipient = format!("c{i}@example.com");
+            let id = MessageId::derive(intent, &recipient);
+            Event {
+                event_id: EventId::derive(id.0, "rendered", 0),
+                body: EventBody::MessageRendered(MessageRendered {
+                    channel: Channel::Email,
+                    priority: Priority::Bulk,
+                    recipient,
+                    from: Some("news@example.com".into()),
+                    subject: Some(format!("Your November news, Customer {i}")),
+                    text: Some(format!("Hello Customer {i},\nyour order {i} has shipped.")),
+                    html: Some(format!("<p>Hello <b>Customer {i}</b>,</p><p>your order {i} has shipped.</p>")),
+                    json: None,
+                }),
+                tenant_id: TenantId("acme".into()),
+                intent_id: intent,
+                message_id: Some(id),
+                occurred_at: chrono::Utc::now(),
+                correlation_id: "bench".into(),
+            }
+        })
+        .collect()
+}
+
+async fn put(config: &Config, events: &[Event]) {
+    let producer = kafka::producer(config).expect("producer");
+    futures::stream::iter(events.iter())
+        .map(|e| {
+            let key = e.message_id.map(|m| m.to_string()).unwrap_or_default();
+            let producer = &producer;
+            async move { kafka::send_event(producer, config, Topic::Rendered, &key, e).await }
+        })
+        .buffer_unordered(2_000)
+        .try_for_each(|()| async { Ok(()) })
+        .await
+        .expect("input");
+}
+
+fn assigned(config: &Config, topic: Topic) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..topic.partitions() {
+        tpl.add_partition_offset(&config.topic(topic), p, Offset::Beginning).expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    consumer
+}
+
+/// Reads `n` records of `topic` from the beginning; returns when the last
+/// arrived.
+async fn count_until(config: &Config, topic: Topic, n: usize, within: Duration) -> Instant {
+    let consumer = assigned(config, topic);
+    tokio::task::spawn_blocking(move || {
+        let mut seen = 0;
+        let deadline = Instant::now() + within;
+        while seen < n {
+            assert!(Instant::now() < deadline, "only {seen} of {n} records");
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+                seen += 1;
+            }
+        }
+        Instant::now()
+    })
+    .await
+    .expect("reader")
+}
+
+async fn throughput() -> (f64, f64) {
+    let mut config = test_config();
+    config.telemetry.log_filter = "warn".into();
+    prepare(&config).await.expect("prepare");
+    let input = rendered(IntentId(uuid::Uuid::new_v4()), MESSAGES);
+    put(&config, &input).await;
+
+    let started = Instant::now();
+    let raw_done = count_until(&config, Topic::Rendered, MESSAGES, Duration::from_secs(300)).await;
+    let raw_secs = (raw_done - started).as_secs_f64();
+
+    let shutdown = Shutdown::new();
+    let dispatcher = ledger_dispatcher::build(&config).await.expect("dispatcher");
+    let started = Instant::now();
+    let task = tokio::spawn(dispatcher.run(shutdown.clone()));
+    // Attempted and delivered: two outcome records per message.
+    let done = count_until(&config, Topic::Outcomes, 2 * MESSAGES, Duration::from_secs(900)).await;
+    let dispatch_secs = (done - started).as_secs_f64();
+    shutdown.trigger();
+    let _ = task.await;
+    let sunk = ledger_dispatcher::sink::read_deliveries(&config.sink.dir).expect("sink").len();
+    assert_eq!(sunk, MESSAGES, "every message reached the sink once");
+    drop_databases(&config).await;
+    (raw_secs, dispatch_secs)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let mut quiet = test_config().telemetry;
+    quiet.log_filter = "warn".into();
+    ledger_runtime::telemetry::init(&quiet);
+    // 1. Throughput (BENCH_GOVERNOR_ONLY=1 skips it).
+    let (raw_secs, dispatch_secs) =
+        if std::env::var_os("BENCH_GOVERNOR_ONLY").is_none() { throughput().await } else { (f64::NAN, f64::NAN) };
+    // 2. The governor: 6,000 a minute, two instances.
+    let mut gconfig = test_config();
+    gconfig.telemetry.log_filter = "warn".into();
+    let mut identity = IdentityConfig::new("governed", ProviderKind::Sink);
+    identity.per_minute = 6_000;
+    gconfig.identities = vec![identity.clone()];
+    prepare(&gconfig).await.expect("prepare");
+    put(&gconfig, &rendered(IntentId(uuid::Uuid::new_v4()), GOVERNED)).await;
+    let shutdown = Shutdown::new();
+    let a = ledger_dispatcher::build(&gconfig).await.expect("dispatcher a");
+    let b = ledger_dispatcher::build(&gconfig).await.expect("dispatcher b");
+    let ta = tokio::spawn(a.run(shutdown.clone()));
+    let tb = tokio::spawn(b.run(shutdown.clone()));
+    let sink_dir = gconfig.sink.dir.clone();
+    let first = eventually("a first governed delivery", Duration::from_secs(60), || {
+        let dir = sink_dir.clone();
+        async move { ledger_dispatcher::sink::read_deliveries(&dir).ok().and_then(|d| d.first().map(|r| r.received_at)) }
+    })
+    .await;
+    let window_end = first + chrono::Duration::seconds(60);
+    while chrono::Utc::now() < window_end + chrono::Duration::seconds(2) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    shutdown.trigger();
+    let _ = (ta.await, tb.await);
+    let deliveries = ledger_dispatcher::sink::read_deliveries(&gconfig.sink.dir).expect("sink");
+    let in_window = deliveries.iter().filter(|r| r.received_at < window_end).count();
+    let mut worst_second = 0;
+    let times: Vec<_> = deliveries.iter().map(|r| r.received_at).collect();
+    for (i, t) in times.iter().enumerate() {
+        let n = times[i..].iter().take_while(|u| **u - *t < chrono::Duration::seconds(1)).count();
+        worst_second = worst_second.max(n);
+    }
+    let deviation = (in_window as f64 - 6_000.0) / 6_000.0 * 100.0;
+    let per_10s: Vec<usize> = (0..7)
+        .map(|k| {
+            let from = first + chrono::Duration::seconds(10 * k);
+            times.iter().filter(|t| **t >= from && **t < from + chrono::Duration::seconds(10)).count()
+        })
+        .collect();
+    println!("governed deliveries per 10 s from the first: {per_10s:?}");
+    if std::env::var_os("BENCH_GOVERNOR_ONLY").is_some() {
+        let per_s: Vec<usize> = (0..12)
+            .map(|k| {
+                let from = first + chrono::Duration::seconds(k);
+                times.iter().filter(|t| **t >= from && **t < from + chrono::Duration::seconds(1)).count()
+            })
+            .collect();
+        println!("per second: {per_s:?}");
+        let mut by_attempt = std::collections::BTreeMap::new();
+        for d in &deliveries {
+            *by_attempt.entry(d.attempt).or_insert(0) += 1;
+        }
+        println!(
+            "by attempt: {by_attempt:?}; distinct ids: {}",
+            deliveries.iter().map(|d| d.message_id).collect::<std::collections::HashSet<_>>().len()
+        );
+    }
+    drop_databases(&gconfig).await;
+
+    let raw_rate = MESSAGES as f64 / raw_secs;
+    let rate = MESSAGES as f64 / dispatch_secs;
+    let md = format!(
+        "| measure | messages | seconds | messages/s | ratio |\n|---|---:|---:|---:|---:|\n\
+         | raw consume of the rendered records | {MESSAGES} | {raw_secs:.2} | {raw_rate:.0} | 1.00 |\n\
+         | dispatcher → sink, governor off | {MESSAGES} | {dispatch_secs:.2} | {rate:.0} | {:.3} |\n\n\
+         | governor: 6,000/min identity, 2 instances | value |\n|---|---:|\n\
+         | deliveries in the first 60 s | {in_window} |\n| deviation from 6,000 | {deviation:+.2} % |\n\
+         | most in any 1 s | {worst_second} (limit 100, burst {}) |\n",
+        rate / raw_rate,
+        identity.effective_burst()
+    );
+    println!("\ndeliver benchmark (debug = {}):\n\n{md}", cfg!(debug_assertions));
+    std::fs::create_dir_all("bench-out").expect("bench-out");
+    std::fs::write("bench-out/deliver.md", &md).expect("write");
+    std::fs::write(
+        "bench-out/deliver.json",
+        serde_json::to_string_pretty(&json!({
+            "messages": MESSAGES, "raw_consume_per_s": raw_rate, "dispatch_per_s": rate, "ratio": rate / raw_rate,
+            "governor": { "limit_per_minute": 6000, "instances": 2, "in_first_60s": in_window,
+                          "deviation_percent": deviation, "max_in_one_second": worst_second },
+            "measured_at": chrono::Utc::now() }))
+        .expect("json"),
+    )
+    .expect("write");
+}
