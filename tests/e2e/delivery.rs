@@ -457,9 +457,8 @@ async fn a_killed_dispatcher_process_sends_nothing_twice_and_reports_what_is_amb
     assert_eq!(delivered.len() + ambiguous.len(), 200);
 
     // The CLI reports exactly those.
-    let out = std::process::Command::new(ledger_bin())
+    let out = ledger_command(&config.sink.dir.parent().expect("dir").join("ledger.toml"))
         .arg("ambiguous")
-        .env("LEDGER_CONFIG", config.sink.dir.parent().expect("dir").join("ledger.toml"))
         .output()
         .expect("ledger ambiguous");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

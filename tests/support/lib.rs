@@ -362,12 +362,21 @@ pub fn ledger_process(config: &Config, args: &[&str]) -> std::process::Child {
     std::fs::create_dir_all(&dir).expect("test directory");
     let file = dir.join("ledger.toml");
     std::fs::write(&file, toml::to_string(config).expect("config as TOML")).expect("config file");
-    std::process::Command::new(ledger_bin())
-        .args(args)
-        .env("LEDGER_CONFIG", &file)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start ledger")
+    ledger_command(&file).args(args).spawn().expect("start ledger")
+}
+
+/// The `ledger` binary configured by the TOML file `config` alone: the
+/// `LEDGER_*` variables of the test's own environment (`make test` exports
+/// local defaults) would override it.
+pub fn ledger_command(config: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(ledger_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("LEDGER_") {
+            command.env_remove(&key);
+        }
+    }
+    command.env("LEDGER_CONFIG", config).env("RUST_LOG", "warn");
+    command
 }
 
 /// The workspace's root directory.
