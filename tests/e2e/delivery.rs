@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ledger_runtime::{IdentityConfig, ProviderKind, SinkFailure, SinkFailureKind};
-use ledger_schemas::{Channel, EventBody, Topic};
+use ledger_schemas::{Channel, ConsumerGroup, EventBody, Topic};
 use ledger_tests::*;
 use serde_json::{json, Value};
 
@@ -413,7 +413,8 @@ async fn a_killed_dispatcher_process_sends_nothing_twice_and_reports_what_is_amb
     assert!(at_kill < 200, "killed mid-campaign");
 
     let mut dispatcher = ledger_process(&config, &["run", "dispatch"]);
-    let settled = eventually("every message settled", Duration::from_secs(90), || async {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let settled = loop {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "-- tests::settled
              SELECT status, count(*) FROM messages WHERE intent_id = $1 GROUP BY status",
@@ -424,9 +425,18 @@ async fn a_killed_dispatcher_process_sends_nothing_twice_and_reports_what_is_amb
         .expect("query");
         let counts: HashMap<String, i64> = rows.into_iter().collect();
         let settled = counts.get("delivered").copied().unwrap_or(0) + counts.get("ambiguous").copied().unwrap_or(0);
-        (settled == 200).then_some(counts)
-    })
-    .await;
+        if settled == 200 {
+            break counts;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = dispatcher.kill();
+            panic!(
+                "not settled: {counts:?}\n{}",
+                group_positions(&app.config, ConsumerGroup::Dispatcher, Topic::Rendered)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let _ = std::process::Command::new("kill").args(["-TERM", &dispatcher.id().to_string()]).status();
     let exit = dispatcher.wait().expect("reaped");
     assert!(exit.success(), "a SIGTERM is a clean stop: {exit:?}");

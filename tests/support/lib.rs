@@ -375,7 +375,7 @@ pub fn ledger_command(config: &std::path::Path) -> std::process::Command {
             command.env_remove(&key);
         }
     }
-    command.env("LEDGER_CONFIG", config).env("RUST_LOG", "warn");
+    command.env("LEDGER_CONFIG", config).env("RUST_LOG", "warn,ledger_runtime::kafka=info");
     command
 }
 
@@ -436,6 +436,38 @@ impl Drop for SmtpServer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// For diagnosing a stalled consumer group: per partition of `topic`, the
+/// group's committed offset and the partition's watermarks.
+pub fn group_positions(config: &Config, group: ledger_schemas::ConsumerGroup, topic: Topic) -> String {
+    let consumer: BaseConsumer = match ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", config.group(group))
+        .set("enable.auto.commit", "false")
+        .create()
+    {
+        Ok(c) => c,
+        Err(e) => return format!("no consumer: {e}"),
+    };
+    let name = config.topic(topic);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..topic.partitions() {
+        let _ = tpl.add_partition(&name, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(5));
+    let mut out = format!("group {} on {name}:\n", config.group(group));
+    for p in 0..topic.partitions() {
+        let c = committed
+            .as_ref()
+            .ok()
+            .and_then(|t| t.find_partition(&name, p))
+            .map(|e| format!("{:?}", e.offset()))
+            .unwrap_or_else(|| "?".into());
+        let w = consumer.fetch_watermarks(&name, p, Duration::from_secs(5));
+        out.push_str(&format!("  partition {p}: committed {c}, watermarks {w:?}\n"));
+    }
+    out
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout`.

@@ -64,7 +64,25 @@ impl ClientContext for LagContext {
     }
 }
 
-impl ConsumerContext for LagContext {}
+impl ConsumerContext for LagContext {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        use rdkafka::consumer::Rebalance;
+        let list = |tpl: &rdkafka::TopicPartitionList| {
+            tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect::<Vec<_>>().join(" ")
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(group = self.group, partitions = %list(tpl), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => tracing::info!(group = self.group, partitions = %list(tpl), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!(group = self.group, error = %e, "rebalance failed"),
+        }
+    }
+}
 
 /// The consumers of the ledger's roles.
 pub type LedgerConsumer = StreamConsumer<LagContext>;
