@@ -97,6 +97,10 @@ pub struct MessagePatch {
     pub last_error_code: Option<String>,
     pub last_error: Option<String>,
     pub provider_message_id: Option<String>,
+    /// The sender identity of the latest attempt that named one, and that
+    /// attempt (0: none yet).
+    pub identity: Option<String>,
+    pub identity_attempt: i32,
     pub accepted_at: Option<DateTime<Utc>>,
     pub rendered_at: Option<DateTime<Utc>>,
     pub first_attempt_at: Option<DateTime<Utc>>,
@@ -134,6 +138,8 @@ impl MessagePatch {
             last_error_code: None,
             last_error: None,
             provider_message_id: None,
+            identity: Some("mail-a".into()),
+            identity_attempt: 0,
             accepted_at: None,
             rendered_at: None,
             first_attempt_at: None,
@@ -167,6 +173,12 @@ impl MessagePatch {
             self.last_error = other.last_error;
         }
         self.provider_message_id = smallest(self.provider_message_id.take(), other.provider_message_id);
+        if (other.identity_attempt, other.identity.as_deref().unwrap_or(""))
+            > (self.identity_attempt, self.identity.as_deref().unwrap_or(""))
+        {
+            self.identity_attempt = other.identity_attempt;
+            self.identity = other.identity;
+        }
         self.accepted_at = earliest(self.accepted_at, other.accepted_at);
         self.rendered_at = earliest(self.rendered_at, other.rendered_at);
         self.first_attempt_at = earliest(self.first_attempt_at, other.first_attempt_at);
@@ -185,6 +197,7 @@ pub struct AttemptPatch {
     pub tenant_id: String,
     pub intent_id: IntentId,
     pub provider: Option<String>,
+    pub identity: Option<String>,
     pub attempted_at: Option<DateTime<Utc>>,
     pub outcome: Option<&'static str>,
     /// In flight 0, retrying 1, ambiguous 2, delivered or failed 3.
@@ -202,6 +215,7 @@ impl AttemptPatch {
             tenant_id: event.tenant_id.0.clone(),
             intent_id: event.intent_id,
             provider: None,
+            identity: Some("mail-a".into()),
             attempted_at: None,
             outcome: None,
             outcome_rank: 0,
@@ -221,6 +235,7 @@ impl AttemptPatch {
             self.error = other.error;
         }
         self.provider = smallest(self.provider.take(), other.provider);
+        self.identity = smallest(self.identity.take(), other.identity);
         self.attempted_at = earliest(self.attempted_at, other.attempted_at);
         self.finished_at = earliest(self.finished_at, other.finished_at);
     }
@@ -233,18 +248,21 @@ fn attempt_patch(event: &Event) -> Option<AttemptPatch> {
         EventBody::DeliveryAttempted(a) => {
             let mut p = AttemptPatch::new(event, id, a.attempt);
             p.provider = Some(a.provider.clone());
+            p.identity = a.identity.clone();
             p.attempted_at = at;
             p
         }
         EventBody::Delivered(d) => {
             let mut p = AttemptPatch::new(event, id, d.attempt);
             p.provider = Some(d.provider.clone());
+            p.identity = d.identity.clone();
             (p.outcome, p.outcome_rank, p.finished_at) = (Some("delivered"), 3, at);
             p
         }
         EventBody::DeliveryFailed(f) => {
             let mut p = AttemptPatch::new(event, id, f.attempt);
             p.provider = Some(f.provider.clone());
+            p.identity = f.identity.clone();
             let (outcome, rank) = if f.permanent { ("failed", 3) } else { ("retrying", 1) };
             (p.outcome, p.outcome_rank, p.finished_at) = (Some(outcome), rank, at);
             (p.error_code, p.error) = (Some(f.code.clone()), Some(f.reason.clone()));
@@ -253,6 +271,7 @@ fn attempt_patch(event: &Event) -> Option<AttemptPatch> {
         EventBody::DeliveryAmbiguous(a) => {
             let mut p = AttemptPatch::new(event, id, a.attempt);
             p.provider = Some(a.provider.clone());
+            p.identity = a.identity.clone();
             (p.outcome, p.outcome_rank) = (Some("ambiguous"), 2);
             (p.error_code, p.error) = (Some("ambiguous".into()), Some(a.reason.clone()));
             p
@@ -401,6 +420,8 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             p.recipient = Some(a.recipient.clone());
             p.attempts = a.attempt as i32;
             p.first_attempt_at = at;
+            p.identity_attempt = if a.identity.is_some() { a.attempt as i32 } else { 0 };
+            p.identity = a.identity.clone();
             p
         }
         EventBody::Delivered(d) => {
@@ -408,6 +429,8 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             p.attempts = d.attempt as i32;
             p.provider_message_id = d.provider_message_id.clone();
             p.delivered_at = at;
+            p.identity_attempt = if d.identity.is_some() { d.attempt as i32 } else { 0 };
+            p.identity = d.identity.clone();
             p
         }
         EventBody::DeliveryFailed(f) => {
@@ -417,11 +440,15 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             if f.permanent {
                 p.failed_at = at;
             }
+            p.identity_attempt = if f.identity.is_some() { f.attempt as i32 } else { 0 };
+            p.identity = f.identity.clone();
             p
         }
         EventBody::DeliveryAmbiguous(a) => {
             let mut p = patch(Status::Ambiguous).with_error(a.attempt, "ambiguous", &a.reason);
             p.attempts = a.attempt as i32;
+            p.identity_attempt = if a.identity.is_some() { a.attempt as i32 } else { 0 };
+            p.identity = a.identity.clone();
             p
         }
         EventBody::Suppressed(s) => {
@@ -512,7 +539,7 @@ mod tests {
                     channel: Channel::Email,
                     recipient: "a@x.io".into(),
                     provider: "sink".into(),
-                    identity: None,
+                    identity: Some("mail-a".into()),
                 }),
             ),
             ev(
@@ -523,7 +550,7 @@ mod tests {
                     code: "timeout".into(),
                     reason: "timed out".into(),
                     permanent: false,
-                    identity: None,
+                    identity: Some("mail-a".into()),
                     retry_at: None,
                 }),
             ),
@@ -534,7 +561,7 @@ mod tests {
                     channel: Channel::Email,
                     recipient: "a@x.io".into(),
                     provider: "sink".into(),
-                    identity: None,
+                    identity: Some("mail-a".into()),
                 }),
             ),
             ev(
@@ -543,7 +570,7 @@ mod tests {
                     attempt: 2,
                     provider: "sink".into(),
                     provider_message_id: Some("p".into()),
-                    identity: None,
+                    identity: Some("mail-a".into()),
                 }),
             ),
         ]

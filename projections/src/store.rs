@@ -190,14 +190,16 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                     $7::smallint[], $8::int[], $9::int[], $10::text[], $11::text[], $12::text[],
                     $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[],
-                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[])
+                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int[])
                 AS u(message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
                      attempts, error_attempt, last_error_code, last_error, provider_message_id,
-                     accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at)
+                     accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at,
+                     identity, identity_attempt)
             )
             INSERT INTO messages (message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
                 attempts, error_attempt, last_error_code, last_error, provider_message_id,
-                accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at)
+                accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at,
+                identity, identity_attempt)
             SELECT * FROM input
             ON CONFLICT (message_id) DO UPDATE SET
                 status = CASE WHEN (EXCLUDED.status_rank, EXCLUDED.status COLLATE "C")
@@ -217,7 +219,9 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                 delivered_at = LEAST(messages.delivered_at, EXCLUDED.delivered_at),
                 failed_at = LEAST(messages.failed_at, EXCLUDED.failed_at),
                 suppressed_at = LEAST(messages.suppressed_at, EXCLUDED.suppressed_at),
-                updated_at = GREATEST(messages.updated_at, EXCLUDED.updated_at)
+                updated_at = GREATEST(messages.updated_at, EXCLUDED.updated_at),
+                identity = CASE WHEN i.wins THEN EXCLUDED.identity ELSE messages.identity END,
+                identity_attempt = CASE WHEN i.wins THEN EXCLUDED.identity_attempt ELSE messages.identity_attempt END
             RETURNING message_id, intent_id, tenant_id, status,
                       COALESCE(delivered_at, failed_at, suppressed_at, updated_at) AS at
             "#
@@ -227,6 +231,11 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                      COALESCE(EXCLUDED.last_error_code, '') COLLATE "C", COALESCE(EXCLUDED.last_error, '') COLLATE "C")
                   > (messages.error_attempt, messages.last_error_code IS NOT NULL,
                      COALESCE(messages.last_error_code, '') COLLATE "C", COALESCE(messages.last_error, '') COLLATE "C"))"#,
+            )
+            .replace(
+                "i.wins",
+                r#"((EXCLUDED.identity_attempt, COALESCE(EXCLUDED.identity, '') COLLATE "C")
+                  > (messages.identity_attempt, COALESCE(messages.identity, '') COLLATE "C"))"#,
             )
             .as_str(),
         )
@@ -249,6 +258,8 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         .bind(col!(|r| r.failed_at))
         .bind(col!(|r| r.suppressed_at))
         .bind(col!(|r| r.updated_at))
+        .bind(col!(|r| r.identity.clone()))
+        .bind(col!(|r| r.identity_attempt))
         .fetch_all(&mut *conn)
         .await?;
         applied.messages = rows.len() as u64;
@@ -267,11 +278,12 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         sqlx::query(
             r#"-- projections::store::apply (delivery_attempts)
             INSERT INTO delivery_attempts (message_id, attempt, tenant_id, intent_id, provider, attempted_at,
-                outcome, outcome_rank, error_code, error, finished_at)
+                outcome, outcome_rank, error_code, error, finished_at, identity)
             SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::uuid[], $5::text[], $6::timestamptz[],
-                $7::text[], $8::smallint[], $9::text[], $10::text[], $11::timestamptz[])
+                $7::text[], $8::smallint[], $9::text[], $10::text[], $11::timestamptz[], $12::text[])
             ON CONFLICT (message_id, attempt) DO UPDATE SET
                 provider = LEAST(delivery_attempts.provider COLLATE "C", EXCLUDED.provider COLLATE "C"),
+                identity = LEAST(delivery_attempts.identity COLLATE "C", EXCLUDED.identity COLLATE "C"),
                 attempted_at = LEAST(delivery_attempts.attempted_at, EXCLUDED.attempted_at),
                 finished_at = LEAST(delivery_attempts.finished_at, EXCLUDED.finished_at),
                 outcome = CASE WHEN o.wins THEN EXCLUDED.outcome ELSE delivery_attempts.outcome END,
@@ -297,6 +309,7 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         .bind(rows.iter().map(|r| r.error_code.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.error.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.identity.clone()).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
     }

@@ -335,6 +335,7 @@ async fn webhooks_are_signed_and_the_receivers_answers_decide_the_outcome() {
 
     let row = app.wait_for_status(&ok, "delivered").await;
     assert_eq!(row["attempts"], 1);
+    assert_eq!(row["identity"], "hooks", "the read model names the sender identity");
     let row = app.wait_for_status(&flaky, "delivered").await;
     assert_eq!(row["attempts"], 2, "503 is retried: {row}");
     let row = app.wait_for_status(&gone, "failed").await;

@@ -56,7 +56,7 @@ fn events() -> Vec<Event> {
                 channel: Channel::Email,
                 recipient: "a@example.com".into(),
                 provider: "sink".into(),
-                identity: None,
+                identity: Some("mail-a".into()),
             }),
         ),
         ev(
@@ -67,7 +67,7 @@ fn events() -> Vec<Event> {
                 code: "timeout".into(),
                 reason: "slow".into(),
                 permanent: false,
-                identity: None,
+                identity: Some("mail-a".into()),
                 retry_at: None,
             }),
         ),
@@ -78,7 +78,7 @@ fn events() -> Vec<Event> {
                 channel: Channel::Email,
                 recipient: "a@example.com".into(),
                 provider: "sink".into(),
-                identity: None,
+                identity: Some("mail-a".into()),
             }),
         ),
         ev(
@@ -87,7 +87,7 @@ fn events() -> Vec<Event> {
                 attempt: 2,
                 provider: "sink".into(),
                 provider_message_id: Some("p-1".into()),
-                identity: None,
+                identity: Some("mail-a".into()),
             }),
         ),
     ]
