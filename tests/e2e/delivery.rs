@@ -480,3 +480,78 @@ async fn a_killed_dispatcher_process_sends_nothing_twice_and_reports_what_is_amb
     }
     app.stop().await;
 }
+
+/// A Mailgun-style API: records every form, answers by recipient.
+#[derive(Clone, Default)]
+struct MailApi {
+    forms: Arc<Mutex<Vec<HashMap<String, String>>>>,
+}
+
+async fn mail_api(
+    axum::extract::State(api): axum::extract::State<MailApi>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Form(form): axum::extract::Form<HashMap<String, String>>,
+) -> (axum::http::StatusCode, axum::Json<Value>) {
+    use base64::Engine;
+    let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("api:key-123"));
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        return (axum::http::StatusCode::UNAUTHORIZED, axum::Json(json!({ "message": "Forbidden" })));
+    }
+    let to = form.get("to").cloned().unwrap_or_default();
+    let n = {
+        let mut forms = api.forms.lock().expect("lock");
+        forms.push(form);
+        forms.iter().filter(|f| f.get("to") == Some(&to)).count()
+    };
+    if to.starts_with("invalid") {
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            axum::Json(json!({ "message": "'to' parameter is not a valid address" })),
+        );
+    }
+    if to.starts_with("busy") && n == 1 {
+        return (axum::http::StatusCode::TOO_MANY_REQUESTS, axum::Json(json!({ "message": "rate limited" })));
+    }
+    (
+        axum::http::StatusCode::OK,
+        axum::Json(json!({ "id": format!("<api-{n}-{to}>"), "message": "Queued. Thank you." })),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_email_api_gets_each_message_as_a_form_and_its_answers_decide_the_outcome() {
+    let api = MailApi::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router =
+        axum::Router::new().route("/v3/mg.example.com/messages", axum::routing::post(mail_api)).with_state(api.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let mut config = test_config();
+    let mut identity = IdentityConfig::new("mailgun", ProviderKind::HttpEmail);
+    identity.url = Some(format!("http://{addr}/v3/mg.example.com"));
+    identity.password = Some("key-123".into());
+    config.identities = vec![identity];
+    let app = spawn_app_with(config).await;
+    let ok = send(&app, "api-ok", &email("ann@example.com")).await;
+    let busy = send(&app, "api-busy", &email("busy@example.com")).await;
+    let invalid = send(&app, "api-invalid", &email("invalid@example.com")).await;
+
+    let row = app.wait_for_status(&ok, "delivered").await;
+    assert_eq!(row["provider_message_id"], "<api-1-ann@example.com>");
+    assert_eq!(row["identity"], "mailgun");
+    let row = app.wait_for_status(&busy, "delivered").await;
+    assert_eq!(row["attempts"], 2, "429 is retried: {row}");
+    let row = app.wait_for_status(&invalid, "failed").await;
+    assert_eq!((row["attempts"].as_i64(), row["last_error_code"].as_str()), (Some(1), Some("http_400")));
+
+    let forms = api.forms.lock().expect("lock").clone();
+    assert_eq!(forms.len(), 4, "ann once, busy twice, invalid once: {forms:?}");
+    let ann = forms.iter().find(|f| f["to"] == "ann@example.com").expect("ann's form");
+    assert_eq!(ann["from"], "shop@example.com");
+    assert_eq!(ann["subject"], "Hello");
+    assert_eq!(ann["text"], "Hello there");
+    assert_eq!(ann["v:ledger-message-id"], ok);
+    assert_eq!(ann["h:Message-Id"], format!("<{ok}@delivery-ledger>"));
+    app.stop().await;
+}

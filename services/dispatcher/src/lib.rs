@@ -26,6 +26,7 @@
 //! cancelled.
 
 pub mod governor;
+pub mod http_email;
 mod offsets;
 pub mod provider;
 pub mod sink;
@@ -136,6 +137,15 @@ pub async fn provider_for(config: &Config, identity: &IdentityConfig) -> Result<
                     .map_err(|e| bad(format!("smtp url {url:?}: {e}")))?,
             )
         }
+        ProviderKind::HttpEmail => Arc::new(
+            http_email::HttpEmailProvider::new(
+                identity.url.as_deref().unwrap_or_default(),
+                identity.password.clone(),
+                identity.from.clone(),
+                timeout,
+            )
+            .map_err(|e| bad(e.to_string()))?,
+        ),
         ProviderKind::Webhook => Arc::new(
             webhook::WebhookProvider::new(identity.secret.as_deref().unwrap_or_default(), timeout)
                 .map_err(|e| bad(e.to_string()))?,
@@ -180,7 +190,7 @@ pub fn sandbox_allows(allow: &[String], recipient: &str) -> bool {
 pub fn serves_channel(provider: ProviderKind, channel: Channel) -> bool {
     match provider {
         ProviderKind::Sink => true,
-        ProviderKind::Smtp => channel == Channel::Email,
+        ProviderKind::Smtp | ProviderKind::HttpEmail => channel == Channel::Email,
         ProviderKind::Webhook => channel == Channel::Webhook,
     }
 }

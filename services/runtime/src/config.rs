@@ -53,6 +53,8 @@ pub enum ProviderKind {
     Smtp,
     /// Signed HTTP POST to the recipient URL (webhook).
     Webhook,
+    /// An HTTP email API in the Mailgun style (email).
+    HttpEmail,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -82,12 +84,13 @@ pub struct IdentityConfig {
     /// Provider calls in flight at once, per dispatcher instance.
     #[serde(default = "default_identity_concurrency")]
     pub concurrency: usize,
-    /// SMTP: `smtp://host:port` (plain), `smtps://…` or `smtp://…?tls=required`.
+    /// SMTP: `smtp://host:port` (plain), `smtps://…` or `smtp://…?tls=required`;
+    /// http_email: the API's base URL (`https://api.mailgun.net/v3/DOMAIN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
-    /// SMTP password.
+    /// SMTP password; http_email: the API key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// Webhook: the HMAC-SHA256 signing secret.
@@ -429,8 +432,8 @@ impl Config {
                 return bad(format!("identity {:?}: concurrency and tenants must not be empty", i.name));
             }
             match i.provider {
-                ProviderKind::Smtp if i.url.is_none() => {
-                    return bad(format!("identity {:?}: an smtp identity needs a url", i.name))
+                ProviderKind::Smtp | ProviderKind::HttpEmail if i.url.is_none() => {
+                    return bad(format!("identity {:?}: an smtp or http_email identity needs a url", i.name))
                 }
                 ProviderKind::Webhook if i.secret.as_deref().unwrap_or_default().len() < 16 => {
                     return bad(format!("identity {:?}: a webhook identity needs a secret of 16 bytes or more", i.name))
