@@ -555,3 +555,37 @@ async fn an_http_email_api_gets_each_message_as_a_form_and_its_answers_decide_th
     assert_eq!(ann["h:Message-Id"], format!("<{ok}@delivery-ledger>"));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_daily_budget_holds_the_rest_back_without_failing_them() {
+    let mut config = test_config();
+    let mut identity = IdentityConfig::new("daily", ProviderKind::Sink);
+    identity.per_day = 5;
+    config.identities = vec![identity];
+    let app = spawn_app_with(config).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(send(&app, &format!("daily-{i}"), &email(&format!("d{i}@example.com"))).await);
+    }
+    eventually("the day's five", Duration::from_secs(30), || async { (app.sink_total() == 5).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.sink_total(), 5, "nothing beyond the daily budget");
+    let mut statuses = std::collections::BTreeMap::new();
+    for id in &ids {
+        let row = app.message_row(id).await.expect("row");
+        *statuses.entry(row["status"].as_str().unwrap_or_default().to_owned()).or_insert(0) += 1;
+    }
+    assert_eq!(statuses.get("delivered"), Some(&5), "{statuses:?}");
+    assert_eq!(
+        statuses.get("rendered"),
+        Some(&3),
+        "the rest wait for tomorrow, neither failed nor skipped: {statuses:?}"
+    );
+    let used: i64 =
+        sqlx::query_scalar("-- tests::day_used\nSELECT day_used FROM governor_state WHERE identity = 'daily'")
+            .fetch_one(&app.ops)
+            .await
+            .expect("governor state");
+    assert_eq!(used, 5);
+    app.stop().await;
+}

@@ -101,6 +101,17 @@ pub fn consumer(config: &Config, group: ConsumerGroup, topics: &[Topic]) -> Resu
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "50")
         .set("statistics.interval.ms", "5000")
+        // The dispatcher reads ahead and stops polling when every record it
+        // may hold is waiting (on a governor's day budget, a retry's due
+        // time): waiting is its job, not a hang. A dead process is still
+        // noticed by the session timeout.
+        .set(
+            "max.poll.interval.ms",
+            match group {
+                ConsumerGroup::Dispatcher | ConsumerGroup::DispatcherRetries => "86400000",
+                _ => "300000",
+            },
+        )
         .create_with_context(LagContext { group: group.base_name() })?;
     let names: Vec<String> = topics.iter().map(|t| config.topic(*t)).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
