@@ -18,8 +18,6 @@ use ledger_schemas::{
     Channel, Event, EventBody, EventId, IntentId, MessageId, MessageRendered, Priority, TenantId, Topic,
 };
 use ledger_tests::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 
 #[global_allocator]
@@ -67,41 +65,6 @@ async fn put(config: &Config, events: &[Event]) {
         .try_for_each(|()| async { Ok(()) })
         .await
         .expect("input");
-}
-
-fn assigned(config: &Config, topic: Topic) -> BaseConsumer {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..topic.partitions() {
-        tpl.add_partition_offset(&config.topic(topic), p, Offset::Beginning).expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
-    consumer
-}
-
-/// Reads `n` records of `topic` from the beginning; returns when the last
-/// arrived.
-async fn count_until(config: &Config, topic: Topic, n: usize, within: Duration) -> Instant {
-    let consumer = assigned(config, topic);
-    tokio::task::spawn_blocking(move || {
-        let mut seen = 0;
-        let deadline = Instant::now() + within;
-        while seen < n {
-            assert!(Instant::now() < deadline, "only {seen} of {n} records");
-            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
-                seen += 1;
-            }
-        }
-        Instant::now()
-    })
-    .await
-    .expect("reader")
 }
 
 async fn throughput() -> (f64, f64) {

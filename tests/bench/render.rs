@@ -9,15 +9,14 @@
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use ledger_runtime::{kafka, Config, Shutdown};
+use ledger_runtime::{kafka, Shutdown};
 use ledger_schemas::{
     Channel, Content, Event, EventBody, EventId, IntentId, MessageId, Priority, Recipient, RecipientBatch, TenantId,
     Topic,
 };
 use ledger_tests::*;
-use rdkafka::config::FromClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::Message;
 use serde_json::{json, Value};
 
 /// glibc's allocator spends a quarter of the renderer's time in arena
@@ -72,44 +71,6 @@ fn batches(intent: IntentId) -> Vec<Event> {
         .collect()
 }
 
-/// A consumer of every partition of `topic` from the beginning, in no group.
-fn assigned<C: FromClientConfig + Consumer>(config: &Config, topic: Topic) -> C {
-    let consumer: C = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..topic.partitions() {
-        tpl.add_partition_offset(&config.topic(topic), p, Offset::Beginning).expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
-    consumer
-}
-
-/// Waits until `n` records have arrived on `topic`; returns when the last
-/// did. A plain polling consumer on a thread of its own: it reads several
-/// times faster than either side writes, so it bounds neither.
-async fn count_until(config: &Config, topic: Topic, n: usize) -> Instant {
-    let consumer: BaseConsumer = assigned(config, topic);
-    let name = config.topic(topic);
-    tokio::task::spawn_blocking(move || {
-        let mut seen = 0;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while seen < n {
-            assert!(Instant::now() < deadline, "only {seen} of {n} records on {name}");
-            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
-                seen += 1;
-            }
-        }
-        Instant::now()
-    })
-    .await
-    .expect("reader")
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let mut config = test_config();
@@ -134,7 +95,7 @@ async fn main() {
     let render_started = Instant::now();
     let counted = tokio::spawn({
         let config = config.clone();
-        async move { count_until(&config, Topic::Rendered, RECIPIENTS).await }
+        async move { count_until(&config, Topic::Rendered, RECIPIENTS, Duration::from_secs(600)).await }
     });
     futures::stream::iter(encoded)
         .map(|e| kafka::send_encoded(&producer, &config, Topic::Intents, &key, e))
@@ -168,7 +129,7 @@ async fn main() {
     // both pay for the same reader.
     let raw_counted = tokio::spawn({
         let raw_config = raw_config.clone();
-        async move { count_until(&raw_config, Topic::Rendered, RECIPIENTS).await }
+        async move { count_until(&raw_config, Topic::Rendered, RECIPIENTS, Duration::from_secs(600)).await }
     });
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut consumed = 0;

@@ -160,15 +160,7 @@ impl TestApp {
     /// POSTs `body` to `path` with this app's API key and `key` as the
     /// Idempotency-Key.
     pub async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> Reply {
-        let mut request = self.http.post(self.url(path)).bearer_auth(&self.api_key).json(body);
-        if let Some(k) = key {
-            request = request.header("idempotency-key", k);
-        }
-        let response = request.send().await.expect("request");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.json().await.unwrap_or(Value::Null);
-        Reply { status, headers, body }
+        self.post_as(&self.api_key, path, key, body).await
     }
 
     /// POSTs `body` to `path` as the tenant of `api_key`.
@@ -377,6 +369,46 @@ pub fn ledger_command(config: &std::path::Path) -> std::process::Command {
     }
     command.env("LEDGER_CONFIG", config).env("RUST_LOG", "warn,ledger_runtime::kafka=info");
     command
+}
+
+/// A consumer of every partition of `topic` from the beginning, in a group
+/// of its own that commits nothing (benchmarks' readers).
+pub fn assigned<C: rdkafka::config::FromClientConfig + Consumer>(config: &Config, topic: Topic) -> C {
+    let consumer: C = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..topic.partitions() {
+        tpl.add_partition_offset(&config.topic(topic), p, Offset::Beginning).expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    consumer
+}
+
+/// Waits until `n` records have arrived on `topic` (read from the
+/// beginning) and returns when the last did, or panics after `within`. A
+/// plain polling consumer on a thread of its own: it reads several times
+/// faster than the roles write, so it bounds none of them.
+pub async fn count_until(config: &Config, topic: Topic, n: usize, within: Duration) -> Instant {
+    let consumer: BaseConsumer = assigned(config, topic);
+    let name = config.topic(topic);
+    tokio::task::spawn_blocking(move || {
+        let mut seen = 0;
+        let deadline = Instant::now() + within;
+        while seen < n {
+            assert!(Instant::now() < deadline, "only {seen} of {n} records on {name}");
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+                seen += 1;
+            }
+        }
+        Instant::now()
+    })
+    .await
+    .expect("reader")
 }
 
 /// The workspace's root directory.

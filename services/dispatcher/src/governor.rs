@@ -123,10 +123,6 @@ impl Governor {
         governor
     }
 
-    pub fn is_limited(&self) -> bool {
-        self.limits.is_some()
-    }
-
     /// Waits for this identity's permission to make one provider call.
     /// Returns `false` if the governor stopped (shutting down).
     pub async fn acquire(&self, tenant: &str, priority: Priority) -> bool {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::provider::{Accepted, Delivery, Provider, ProviderError};
+use crate::provider::{classify_status, http_client, http_error, Accepted, Delivery, Provider, ProviderError};
 
 pub struct HttpEmailProvider {
     client: reqwest::Client,
@@ -28,13 +28,8 @@ impl HttpEmailProvider {
         default_from: Option<String>,
         timeout: Duration,
     ) -> Result<HttpEmailProvider, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(5).min(timeout))
-            .user_agent(concat!("delivery-ledger/", env!("CARGO_PKG_VERSION")))
-            .build()?;
         Ok(HttpEmailProvider {
-            client,
+            client: http_client(timeout)?,
             endpoint: format!("{}/messages", url.trim_end_matches('/')),
             api_key,
             default_from,
@@ -70,13 +65,11 @@ impl Provider for HttpEmailProvider {
             }
             match request.send().await {
                 Ok(response) => {
-                    let status = response.status().as_u16();
-                    crate::webhook::classify(status)?;
+                    classify_status(response.status().as_u16())?;
                     let body: serde_json::Value = response.json().await.unwrap_or_default();
                     Ok(Accepted { provider_message_id: body["id"].as_str().map(str::to_owned) })
                 }
-                Err(e) if e.is_connect() || e.is_builder() => Err(ProviderError::transient("connect", e.to_string())),
-                Err(e) => Err(ProviderError::ambiguous(if e.is_timeout() { "timeout" } else { "http" }, e.to_string())),
+                Err(e) => Err(http_error(e)),
             }
         })
     }

@@ -59,3 +59,33 @@ pub trait Provider: Send + Sync {
 
     fn send<'a>(&'a self, delivery: &'a Delivery<'a>) -> BoxFuture<'a, Result<Accepted, ProviderError>>;
 }
+
+/// The HTTP client of the HTTP providers: whole-call timeout, a shorter
+/// connect timeout, our user agent.
+pub fn http_client(timeout: std::time::Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(std::time::Duration::from_secs(5).min(timeout))
+        .user_agent(concat!("delivery-ledger/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// A failed HTTP call: nothing reached the other side when the connection
+/// could not be made; otherwise the request may have been received.
+pub fn http_error(e: reqwest::Error) -> ProviderError {
+    if e.is_connect() || e.is_builder() {
+        ProviderError::transient("connect", e.to_string())
+    } else {
+        ProviderError::ambiguous(if e.is_timeout() { "timeout" } else { "http" }, e.to_string())
+    }
+}
+
+/// What an HTTP status means for the message: 2xx delivered; 408, 429 and
+/// 5xx worth retrying; any other answer a refusal for good.
+pub fn classify_status(status: u16) -> Result<(), ProviderError> {
+    match status {
+        200..=299 => Ok(()),
+        408 | 429 | 500..=599 => Err(ProviderError::transient(format!("http_{status}"), "the receiver asked to retry")),
+        _ => Err(ProviderError::permanent(format!("http_{status}"), "the receiver refused the message")),
+    }
+}

@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::provider::{Accepted, Delivery, Provider, ProviderError};
+use crate::provider::{classify_status, http_client, http_error, Accepted, Delivery, Provider, ProviderError};
 
 pub struct WebhookProvider {
     client: reqwest::Client,
@@ -36,21 +36,7 @@ pub fn signature(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String
 
 impl WebhookProvider {
     pub fn new(secret: &str, timeout: Duration) -> Result<WebhookProvider, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(5).min(timeout))
-            .user_agent(concat!("delivery-ledger/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(WebhookProvider { client, secret: secret.as_bytes().to_vec() })
-    }
-}
-
-/// What a receiver's status code means for the message.
-pub fn classify(status: u16) -> Result<(), ProviderError> {
-    match status {
-        200..=299 => Ok(()),
-        408 | 429 | 500..=599 => Err(ProviderError::transient(format!("http_{status}"), "the receiver asked to retry")),
-        _ => Err(ProviderError::permanent(format!("http_{status}"), "the receiver refused the message")),
+        Ok(WebhookProvider { client: http_client(timeout)?, secret: secret.as_bytes().to_vec() })
     }
 }
 
@@ -88,13 +74,10 @@ impl Provider for WebhookProvider {
                 .await;
             match response {
                 Ok(r) => {
-                    let status = r.status().as_u16();
-                    classify(status)?;
+                    classify_status(r.status().as_u16())?;
                     Ok(Accepted { provider_message_id: Some(format!("webhook-{id}")) })
                 }
-                // Nothing reached the receiver.
-                Err(e) if e.is_connect() || e.is_builder() => Err(ProviderError::transient("connect", e.to_string())),
-                Err(e) => Err(ProviderError::ambiguous(if e.is_timeout() { "timeout" } else { "http" }, e.to_string())),
+                Err(e) => Err(http_error(e)),
             }
         })
     }
@@ -106,12 +89,12 @@ mod tests {
 
     #[test]
     fn receivers_status_codes_map_to_outcomes() {
-        assert!(classify(204).is_ok());
+        assert!(classify_status(204).is_ok());
         for transient in [408, 429, 500, 503] {
-            assert!(matches!(classify(transient), Err(ProviderError::Transient { .. })), "{transient}");
+            assert!(matches!(classify_status(transient), Err(ProviderError::Transient { .. })), "{transient}");
         }
         for permanent in [400, 401, 404, 410, 422] {
-            assert!(matches!(classify(permanent), Err(ProviderError::Permanent { .. })), "{permanent}");
+            assert!(matches!(classify_status(permanent), Err(ProviderError::Permanent { .. })), "{permanent}");
         }
     }
 
