@@ -107,6 +107,12 @@ pub struct MessagePatch {
     pub delivered_at: Option<DateTime<Utc>>,
     pub failed_at: Option<DateTime<Utc>>,
     pub suppressed_at: Option<DateTime<Utc>>,
+    /// Provider feedback: the first report of each kind.
+    pub opened_at: Option<DateTime<Utc>>,
+    pub clicked_at: Option<DateTime<Utc>>,
+    pub bounced_at: Option<DateTime<Utc>>,
+    pub complained_at: Option<DateTime<Utc>>,
+    pub unsubscribed_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -146,6 +152,11 @@ impl MessagePatch {
             delivered_at: None,
             failed_at: None,
             suppressed_at: None,
+            opened_at: None,
+            clicked_at: None,
+            bounced_at: None,
+            complained_at: None,
+            unsubscribed_at: None,
             updated_at: event.occurred_at,
         }
     }
@@ -185,6 +196,11 @@ impl MessagePatch {
         self.delivered_at = earliest(self.delivered_at, other.delivered_at);
         self.failed_at = earliest(self.failed_at, other.failed_at);
         self.suppressed_at = earliest(self.suppressed_at, other.suppressed_at);
+        self.opened_at = earliest(self.opened_at, other.opened_at);
+        self.clicked_at = earliest(self.clicked_at, other.clicked_at);
+        self.bounced_at = earliest(self.bounced_at, other.bounced_at);
+        self.complained_at = earliest(self.complained_at, other.complained_at);
+        self.unsubscribed_at = earliest(self.unsubscribed_at, other.unsubscribed_at);
         self.updated_at = self.updated_at.max(other.updated_at);
     }
 }
@@ -473,6 +489,24 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
         EventBody::DeadLettered(d) => {
             let mut p = patch(Status::DeadLettered).with_error(0, &d.code, &d.reason);
             p.failed_at = at;
+            p
+        }
+        EventBody::Feedback(f) => {
+            use ledger_schemas::FeedbackKind as K;
+            // Whatever the recipient's side reports shows the message
+            // arrived (an ambiguous one included), except a bounce, which
+            // leaves the status alone and is kept as its own stage.
+            let status = if f.kind == K::Bounced { Status::Accepted } else { Status::Delivered };
+            let mut p = patch(status);
+            let reported = Some(f.reported_at);
+            match f.kind {
+                K::Delivered => p.delivered_at = reported,
+                K::Bounced => p.bounced_at = reported,
+                K::Complained => p.complained_at = reported,
+                K::Opened => p.opened_at = reported,
+                K::Clicked => p.clicked_at = reported,
+                K::Unsubscribed => p.unsubscribed_at = reported,
+            }
             p
         }
         EventBody::IntentAccepted(_)

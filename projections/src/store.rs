@@ -190,16 +190,17 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                     $7::smallint[], $8::int[], $9::int[], $10::text[], $11::text[], $12::text[],
                     $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[],
-                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int[])
+                    $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int[],
+                    $22::timestamptz[], $23::timestamptz[], $24::timestamptz[], $25::timestamptz[], $26::timestamptz[])
                 AS u(message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
                      attempts, error_attempt, last_error_code, last_error, provider_message_id,
                      accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at,
-                     identity, identity_attempt)
+                     identity, identity_attempt, opened_at, clicked_at, bounced_at, complained_at, unsubscribed_at)
             )
             INSERT INTO messages (message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
                 attempts, error_attempt, last_error_code, last_error, provider_message_id,
                 accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at,
-                identity, identity_attempt)
+                identity, identity_attempt, opened_at, clicked_at, bounced_at, complained_at, unsubscribed_at)
             SELECT * FROM input
             ON CONFLICT (message_id) DO UPDATE SET
                 status = CASE WHEN (EXCLUDED.status_rank, EXCLUDED.status COLLATE "C")
@@ -219,6 +220,11 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                 delivered_at = LEAST(messages.delivered_at, EXCLUDED.delivered_at),
                 failed_at = LEAST(messages.failed_at, EXCLUDED.failed_at),
                 suppressed_at = LEAST(messages.suppressed_at, EXCLUDED.suppressed_at),
+                opened_at = LEAST(messages.opened_at, EXCLUDED.opened_at),
+                clicked_at = LEAST(messages.clicked_at, EXCLUDED.clicked_at),
+                bounced_at = LEAST(messages.bounced_at, EXCLUDED.bounced_at),
+                complained_at = LEAST(messages.complained_at, EXCLUDED.complained_at),
+                unsubscribed_at = LEAST(messages.unsubscribed_at, EXCLUDED.unsubscribed_at),
                 updated_at = GREATEST(messages.updated_at, EXCLUDED.updated_at),
                 identity = CASE WHEN i.wins THEN EXCLUDED.identity ELSE messages.identity END,
                 identity_attempt = CASE WHEN i.wins THEN EXCLUDED.identity_attempt ELSE messages.identity_attempt END
@@ -260,6 +266,11 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         .bind(col!(|r| r.updated_at))
         .bind(col!(|r| r.identity.clone()))
         .bind(col!(|r| r.identity_attempt))
+        .bind(col!(|r| r.opened_at))
+        .bind(col!(|r| r.clicked_at))
+        .bind(col!(|r| r.bounced_at))
+        .bind(col!(|r| r.complained_at))
+        .bind(col!(|r| r.unsubscribed_at))
         .fetch_all(&mut *conn)
         .await?;
         applied.messages = rows.len() as u64;

@@ -66,6 +66,8 @@ pub enum EventBody {
     DeadLettered(DeadLettered),
     #[serde(rename = "template.published.v1")]
     TemplatePublished(TemplatePublished),
+    #[serde(rename = "delivery.feedback.v1")]
+    Feedback(Feedback),
 }
 
 /// The kind of an event, without its data: its name and version.
@@ -84,10 +86,11 @@ pub enum EventKind {
     MessageCancelled,
     DeadLettered,
     TemplatePublished,
+    Feedback,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 13] = [
+    pub const ALL: [EventKind; 14] = [
         EventKind::IntentAccepted,
         EventKind::RecipientBatch,
         EventKind::IntentCancelled,
@@ -101,6 +104,7 @@ impl EventKind {
         EventKind::MessageCancelled,
         EventKind::DeadLettered,
         EventKind::TemplatePublished,
+        EventKind::Feedback,
     ];
 
     /// The wire name, `<subject>.<fact>.v<version>`; also the schema file name.
@@ -119,6 +123,7 @@ impl EventKind {
             EventKind::MessageCancelled => "message.cancelled.v1",
             EventKind::DeadLettered => "record.dead_lettered.v1",
             EventKind::TemplatePublished => "template.published.v1",
+            EventKind::Feedback => "delivery.feedback.v1",
         }
     }
 
@@ -149,6 +154,7 @@ impl EventKind {
             EventKind::MessageCancelled => of::<MessageCancelled>(self),
             EventKind::DeadLettered => of::<DeadLettered>(self),
             EventKind::TemplatePublished => of::<TemplatePublished>(self),
+            EventKind::Feedback => of::<Feedback>(self),
         }
     }
 }
@@ -186,6 +192,7 @@ impl EventBody {
             EventBody::MessageCancelled(_) => EventKind::MessageCancelled,
             EventBody::DeadLettered(_) => EventKind::DeadLettered,
             EventBody::TemplatePublished(_) => EventKind::TemplatePublished,
+            EventBody::Feedback(_) => EventKind::Feedback,
         }
     }
 }
@@ -419,6 +426,61 @@ pub struct DeliveryAmbiguous {
     /// The sender identity (provider account) the attempt went through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+}
+
+/// What a provider (or a push client's beacon) reported about a message
+/// after the call: the source of delivered, bounce, complaint, open and
+/// click rates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedbackKind {
+    /// The receiving server accepted the message.
+    Delivered,
+    /// The receiving side refused it; `permanent` for a hard bounce.
+    Bounced,
+    /// The recipient marked it as spam.
+    Complained,
+    /// Opened (email) or displayed (push).
+    Opened,
+    Clicked,
+    Unsubscribed,
+}
+
+impl FeedbackKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedbackKind::Delivered => "delivered",
+            FeedbackKind::Bounced => "bounced",
+            FeedbackKind::Complained => "complained",
+            FeedbackKind::Opened => "opened",
+            FeedbackKind::Clicked => "clicked",
+            FeedbackKind::Unsubscribed => "unsubscribed",
+        }
+    }
+}
+
+/// One provider feedback event about a message. Its event id derives from
+/// the provider's own event id, so the same report received twice is one
+/// event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Feedback {
+    pub kind: FeedbackKind,
+    /// The format it came in: mailgun, sendgrid, ses, push.
+    pub source: String,
+    /// The provider's id of this report.
+    pub provider_event_id: String,
+    pub recipient: String,
+    /// For bounces: a hard (permanent) bounce suppresses the recipient.
+    #[serde(default)]
+    pub permanent: bool,
+    /// When the provider says it happened.
+    pub reported_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The link, for a click.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -10,8 +10,9 @@ pub mod topics;
 
 pub use events::{
     Channel, Content, DeadLettered, DecodeError, Delivered, DeliveryAmbiguous, DeliveryAttempted, DeliveryFailed,
-    Event, EventBody, EventKind, IntentAccepted, IntentCancelled, IntentKind, MessageCancelled, MessageRendered,
-    Priority, Recipient, RecipientBatch, RenderFailed, Suppressed, SuppressionReason, TemplatePublished, TemplateRef,
+    Event, EventBody, EventKind, Feedback, FeedbackKind, IntentAccepted, IntentCancelled, IntentKind, MessageCancelled,
+    MessageRendered, Priority, Recipient, RecipientBatch, RenderFailed, Suppressed, SuppressionReason,
+    TemplatePublished, TemplateRef,
 };
 pub use ids::{normalise_recipient, EventId, IntentId, MessageId, TenantId};
 pub use topics::{ConsumerGroup, Topic};

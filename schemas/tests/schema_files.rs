@@ -161,6 +161,16 @@ fn samples() -> Vec<Event> {
             channel: Channel::Email,
             content: content.clone(),
         })),
+        sample(EventBody::Feedback(Feedback {
+            kind: FeedbackKind::Clicked,
+            source: "mailgun".into(),
+            provider_event_id: "ev-1".into(),
+            recipient: "x@y.z".into(),
+            permanent: false,
+            reported_at: chrono::Utc::now(),
+            reason: None,
+            url: Some("https://example.com/a".into()),
+        })),
     ]
 }
 

@@ -589,3 +589,55 @@ async fn a_spent_daily_budget_holds_the_rest_back_without_failing_them() {
     assert_eq!(used, 5);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_email_batch_form_sends_many_recipients_per_call_each_with_its_own_content() {
+    let api = MailApi::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router =
+        axum::Router::new().route("/v3/mg.example.com/messages", axum::routing::post(mail_api)).with_state(api.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let mut config = test_config();
+    let mut identity = IdentityConfig::new("mailgun-batch", ProviderKind::HttpEmail);
+    identity.url = Some(format!("http://{addr}/v3/mg.example.com"));
+    identity.password = Some("key-123".into());
+    identity.batch_size = 100;
+    identity.batch_wait_ms = 200;
+    identity.concurrency = 300;
+    config.identities = vec![identity];
+    let app = spawn_app_with(config).await;
+    const N: usize = 250;
+    let recipients: Vec<Value> = (0..N)
+        .map(|i| json!({ "address": format!("b{i}@example.com"), "variables": { "name": format!("Reader {i}") } }))
+        .collect();
+    let campaign = json!({ "name": "batched", "from": "news@example.com",
+                           "content": { "subject": "Hi {{ name }}", "text": "Hello {{ name }}" },
+                           "recipients": recipients });
+    let reply = app.post("/v1/campaigns", Some("batched"), &campaign).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let intent = reply.body["intent_id"].as_str().expect("intent").to_owned();
+    let statuses = app.wait_terminal(&intent, N as i64, Duration::from_secs(60)).await;
+    assert_eq!(statuses.get("delivered"), Some(&(N as i64)), "{statuses:?}");
+
+    let forms = api.forms.lock().expect("lock").clone();
+    assert!(forms.len() < N / 10, "{} calls for {N} messages", forms.len());
+    let mut seen = HashMap::new();
+    for form in &forms {
+        assert_eq!(form["subject"], "%recipient.subject%");
+        assert_eq!(form["v:ledger-message-id"], "%recipient.ledger-message-id%");
+        let variables: Value = serde_json::from_str(&form["recipient-variables"]).expect("recipient variables");
+        let to: Vec<&str> = form["to"].split(',').collect();
+        assert!(to.len() <= 100, "at most batch_size recipients a call");
+        for address in to {
+            let i: usize = address.trim_start_matches('b').trim_end_matches("@example.com").parse().expect("n");
+            assert_eq!(variables[address]["subject"], format!("Hi Reader {i}"));
+            assert_eq!(variables[address]["text"], format!("Hello Reader {i}"));
+            *seen.entry(address.to_owned()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(seen.len(), N, "every recipient in a call");
+    assert!(seen.values().all(|n| *n == 1), "and in one call only");
+    app.stop().await;
+}

@@ -1,7 +1,9 @@
 //! End-to-end tests: every role built through its production `build`,
 //! against the real broker and the real PostgreSQL.
 
+mod broker;
 mod delivery;
+mod feedback;
 mod foundation;
 mod ingest;
 mod projection;

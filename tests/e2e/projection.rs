@@ -90,7 +90,25 @@ fn events() -> Vec<Event> {
                 identity: Some("mail-a".into()),
             }),
         ),
+        ev(6, feedback(FeedbackKind::Opened, "o-1", 6)),
+        ev(7, feedback(FeedbackKind::Clicked, "c-1", 7)),
+        // A second open later, and a provider's delivery report.
+        ev(8, feedback(FeedbackKind::Opened, "o-2", 9)),
+        ev(9, feedback(FeedbackKind::Delivered, "d-1", 5)),
     ]
+}
+
+fn feedback(kind: FeedbackKind, id: &str, at: i64) -> EventBody {
+    EventBody::Feedback(Feedback {
+        kind,
+        source: "mailgun".into(),
+        provider_event_id: id.into(),
+        recipient: "a@example.com".into(),
+        permanent: false,
+        reported_at: chrono::Utc.timestamp_opt(1_800_000_000 + at, 0).unwrap(),
+        reason: None,
+        url: (kind == FeedbackKind::Clicked).then(|| "https://example.com/x".into()),
+    })
 }
 
 async fn row(pool: &sqlx::PgPool) -> Value {
@@ -118,6 +136,12 @@ async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
     assert_eq!(in_order["attempts"], 2);
     assert_eq!(in_order["last_error_code"], "timeout");
     assert_eq!(in_order["provider_message_id"], "p-1");
+    // Feedback: the first open, the click, the provider's delivery time
+    // (earlier than our own record of the call) — whatever the order.
+    assert_eq!(in_order["opened_at"], "2027-01-15T08:00:06+00:00");
+    assert_eq!(in_order["clicked_at"], "2027-01-15T08:00:07+00:00");
+    assert_eq!(in_order["delivered_at"], "2027-01-15T08:00:05+00:00");
+    assert_eq!(in_order["bounced_at"], Value::Null);
 
     // Reversed, with everything applied twice: the same row.
     sqlx::query("TRUNCATE messages").execute(&pool).await.expect("truncate");
@@ -134,6 +158,7 @@ async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
     let patch = fold.messages.values().next().expect("patch");
     assert_eq!(patch.status.as_str(), in_order["status"]);
     assert_eq!(Value::from(patch.attempts), in_order["attempts"]);
+    assert_eq!(patch.opened_at.map(|t| t.timestamp()), Some(1_800_000_006));
     pool.close().await;
     drop_databases(&config).await;
 }

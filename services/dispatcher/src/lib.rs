@@ -25,6 +25,8 @@
 //! suppression list are suppressed; messages of a cancelled intent are
 //! cancelled.
 
+mod batch;
+mod claims;
 pub mod governor;
 pub mod http_email;
 mod offsets;
@@ -51,6 +53,7 @@ use rdkafka::Message;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::claims::{ClaimFor, Claims, Look, LookFor, OutcomeFor};
 use crate::governor::Governor;
 use crate::offsets::Offsets;
 use crate::provider::{Delivery, Provider, ProviderError};
@@ -61,6 +64,8 @@ pub enum DispatchError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("operational store: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("operational store: {0}")]
+    Store(#[from] Arc<sqlx::Error>),
     #[error("shutting down")]
     Shutdown,
 }
@@ -95,6 +100,8 @@ struct Inner {
     /// never queue in front of the calls the governor just allowed (which
     /// would bunch those calls up at the provider).
     looks: Semaphore,
+    /// The hot-path statements on claims, batched across messages.
+    claims: Claims,
     /// Identifies this process in claims.
     instance: String,
 }
@@ -143,6 +150,8 @@ pub async fn provider_for(config: &Config, identity: &IdentityConfig) -> Result<
                 identity.password.clone(),
                 identity.from.clone(),
                 timeout,
+                identity.batch_size,
+                Duration::from_millis(identity.batch_wait_ms),
             )
             .map_err(|e| bad(e.to_string()))?,
         ),
@@ -169,6 +178,12 @@ pub async fn build(config: &Config) -> Result<Dispatcher, RuntimeError> {
         instance: format!("dispatcher-{}", uuid::Uuid::new_v4()),
     })
 }
+
+/// Messages read ahead that may look at their claims at once. Looks are
+/// batched, so this bounds the size of a look statement, and keeps
+/// thousands of waiting messages from queueing in front of the calls the
+/// governor just allowed.
+const LOOKS_AHEAD: usize = 512;
 
 /// Whether `recipient` may be delivered to outside production.
 pub fn sandbox_allows(allow: &[String], recipient: &str) -> bool {
@@ -216,12 +231,15 @@ impl Dispatcher {
                 provider,
             })
             .collect();
+        let claims =
+            Claims::start(self.ops.clone(), &self.instance, f64::from(self.config.dispatcher.claim_lease_secs));
         let inner = Arc::new(Inner {
             config: self.config,
             producer: self.producer,
             ops: self.ops,
             identities,
-            looks: Semaphore::new(16),
+            looks: Semaphore::new(LOOKS_AHEAD),
+            claims,
             instance: self.instance,
         });
         tracing::info!(
@@ -249,15 +267,17 @@ async fn consume(
 ) -> Result<(), RuntimeError> {
     let max = inner.config.dispatcher.max_in_flight;
     let permits = Arc::new(Semaphore::new(max));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, i32, i64)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, String, i32, i64)>();
     let mut offsets = Offsets::default();
-    let store = |offsets: &mut Offsets, (topic, partition, offset): (String, i32, i64)| {
-        let moved = offsets.finish(&topic, partition, offset);
+    let store = |offsets: &mut Offsets, (generation, topic, partition, offset): (u64, String, i32, i64)| {
+        let moved = offsets.finish(generation, &topic, partition, offset);
         metrics::gauge!("ledger_dispatcher_in_flight", "topic" => source.topic_name()).set(offsets.in_flight() as f64);
         if let Some(done) = moved {
             // Fails only for a partition taken away meanwhile: its new
             // owner sees the record again and finds its claim.
-            let _ = consumer.store_offset(&topic, partition, done);
+            if let Err(e) = consumer.store_offset(&topic, partition, done) {
+                tracing::debug!(topic, partition, offset = done, error = %e, "offset not stored");
+            }
         }
     };
     {
@@ -277,11 +297,15 @@ async fn consume(
                         }
                         None => break,
                     };
-                    let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
-                    offsets.begin(m.topic(), m.partition(), m.offset());
+                    // Never fails: permits are only taken here, and one was free.
+                    let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                    // Read after the poll that delivered the record, which is
+                    // where rebalances run: the record's own generation.
+                    let generation = consumer.context().generation();
+                    offsets.begin(generation, m.topic(), m.partition(), m.offset());
                     let (inner, done_tx, shutdown) = (inner.clone(), done_tx.clone(), shutdown.clone());
                     tokio::spawn(async move {
-                        let position = (m.topic().to_owned(), m.partition(), m.offset());
+                        let position = (generation, m.topic().to_owned(), m.partition(), m.offset());
                         if inner.handle(&m, source, &shutdown).await.is_ok() {
                             let _ = done_tx.send(position);
                         }
@@ -298,21 +322,6 @@ async fn consume(
     }
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     Ok(())
-}
-
-/// The claim of a message as the operational store has it, with what else
-/// decides its fate.
-#[derive(Debug, sqlx::FromRow)]
-struct Look {
-    state: Option<String>,
-    attempt: Option<i32>,
-    outcome: Option<serde_json::Value>,
-    claimed_by: Option<String>,
-    live: Option<bool>,
-    identity: Option<String>,
-    next_attempt_at: Option<DateTime<Utc>>,
-    suppressed: Option<String>,
-    cancelled: bool,
 }
 
 impl Inner {
@@ -441,20 +450,15 @@ impl Inner {
     }
 
     async fn look(&self, event: &Event, message: &MessageRendered, id: MessageId) -> Result<Look, DispatchError> {
-        Ok(sqlx::query_as::<_, Look>(
-            "-- dispatcher::deliver (look)
-             SELECT c.state, c.attempt, c.outcome, c.claimed_by, c.lease_until > now() AS live, c.identity,
-                    c.next_attempt_at,
-                    (SELECT reason FROM suppressions s WHERE s.tenant_id = $2 AND s.recipient = $3) AS suppressed,
-                    EXISTS (SELECT 1 FROM cancelled_intents WHERE intent_id = $4) AS cancelled
-             FROM (SELECT 1) AS one LEFT JOIN delivery_claims c ON c.message_id = $1",
-        )
-        .bind(id.0)
-        .bind(&event.tenant_id.0)
-        .bind(normalise_recipient(&message.recipient))
-        .bind(event.intent_id.0)
-        .fetch_one(&self.ops)
-        .await?)
+        Ok(self
+            .claims
+            .look(LookFor {
+                message_id: id.0,
+                tenant_id: event.tenant_id.0.clone(),
+                recipient: normalise_recipient(&message.recipient),
+                intent_id: event.intent_id.0,
+            })
+            .await?)
     }
 
     async fn deliver(
@@ -583,26 +587,14 @@ impl Inner {
                 .fetch_optional(&self.ops)
                 .await?
             } else {
-                sqlx::query_scalar(
-                    "-- dispatcher::deliver (claim)
-                     INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until, identity)
-                     SELECT $1, $2, 'claimed', 1, $3, now() + make_interval(secs => $4), $6
-                     WHERE NOT EXISTS (SELECT 1 FROM cancelled_intents WHERE intent_id = $5)
-                     ON CONFLICT (message_id) DO UPDATE
-                     SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until,
-                         identity = EXCLUDED.identity, updated_at = now()
-                     WHERE delivery_claims.state = 'claimed'
-                       AND (delivery_claims.claimed_by = EXCLUDED.claimed_by OR delivery_claims.lease_until < now())
-                     RETURNING attempt",
-                )
-                .bind(id.0)
-                .bind(tenant)
-                .bind(&self.instance)
-                .bind(lease)
-                .bind(event.intent_id.0)
-                .bind(&identity.config.name)
-                .fetch_optional(&self.ops)
-                .await?
+                self.claims
+                    .claim(ClaimFor {
+                        message_id: id.0,
+                        tenant_id: tenant.to_owned(),
+                        intent_id: event.intent_id.0,
+                        identity: identity.config.name.clone(),
+                    })
+                    .await?
             };
             match claimed {
                 Some(attempt) => {
@@ -646,17 +638,7 @@ impl Inner {
             }),
         );
         self.publish(&attempted).await?;
-        let ours = sqlx::query(
-            "-- dispatcher::attempt (mark attempted)
-             UPDATE delivery_claims SET state = 'attempted', lease_until = now() + make_interval(secs => $3), updated_at = now()
-             WHERE message_id = $1 AND claimed_by = $2 AND state = 'claimed'",
-        )
-        .bind(id.0)
-        .bind(&self.instance)
-        .bind(f64::from(self.config.dispatcher.claim_lease_secs))
-        .execute(&self.ops)
-        .await?;
-        if ours.rows_affected() == 0 {
+        if !self.claims.mark_attempted(id.0).await? {
             return Ok(false);
         }
         let delivery = Delivery { message_id: id, attempt, identity: name, message, idempotency_key: id.0.to_string() };
@@ -720,17 +702,13 @@ impl Inner {
         };
         let outcome = self.outcome(event, id, what, attempt, body);
         let state = if label == "ambiguous" { "ambiguous" } else { "done" };
-        sqlx::query(
-            "-- dispatcher::attempt (record outcome)
-             UPDATE delivery_claims SET state = $3, outcome = $4, updated_at = now()
-             WHERE message_id = $1 AND claimed_by = $2 AND state = 'attempted'",
-        )
-        .bind(id.0)
-        .bind(&self.instance)
-        .bind(state)
-        .bind(serde_json::to_value(&outcome).unwrap_or_default())
-        .execute(&self.ops)
-        .await?;
+        self.claims
+            .record_outcome(OutcomeFor {
+                message_id: id.0,
+                state,
+                outcome: serde_json::to_value(&outcome).unwrap_or_default(),
+            })
+            .await?;
         self.publish(&outcome).await?;
         if label == "ambiguous" {
             tracing::warn!(message_id = %id, identity = name, "message is ambiguous; held for reconciliation");
@@ -788,8 +766,8 @@ impl Inner {
     ) -> Result<(), DispatchError> {
         let recorded = sqlx::query(
             "-- dispatcher::record_final
-             INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until, outcome)
-             VALUES ($1, $2, 'done', 0, $3, now(), $4)
+             INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until, outcome, intent_id)
+             VALUES ($1, $2, 'done', 0, $3, now(), $4, $5)
              ON CONFLICT (message_id) DO UPDATE SET state = 'done', outcome = EXCLUDED.outcome, updated_at = now()
              WHERE delivery_claims.state = 'retrying'
                 OR (delivery_claims.state = 'claimed'
@@ -799,6 +777,7 @@ impl Inner {
         .bind(&event.tenant_id.0)
         .bind(&self.instance)
         .bind(serde_json::to_value(&outcome).unwrap_or_default())
+        .bind(event.intent_id.0)
         .execute(&self.ops)
         .await?;
         if recorded.rows_affected() == 1 {

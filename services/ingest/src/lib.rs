@@ -9,6 +9,7 @@
 //! intents and messages: another tenant's ids are 404.
 
 pub mod campaigns;
+pub mod feedback;
 pub mod messages;
 pub mod openapi;
 pub mod problem;
@@ -63,6 +64,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/suppressions"),
     ("get", "/v1/suppressions/{recipient}"),
     ("delete", "/v1/suppressions/{recipient}"),
+    ("post", "/v1/feedback/{source}"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -96,10 +98,11 @@ pub async fn build(config: &Config) -> Result<Ingest, RuntimeError> {
         .route(ROUTES[7].1, get(templates::list))
         .route(ROUTES[8].1, post(suppressions::create))
         .route(ROUTES[9].1, get(suppressions::show).delete(suppressions::remove))
-        .route(ROUTES[11].1, get(|| async { "ok" }))
-        .route(ROUTES[12].1, get(ready))
-        .route(ROUTES[13].1, get(metrics_endpoint))
-        .route(ROUTES[14].1, get(openapi::serve))
+        .route(ROUTES[11].1, post(feedback::receive))
+        .route(ROUTES[12].1, get(|| async { "ok" }))
+        .route(ROUTES[13].1, get(ready))
+        .route(ROUTES[14].1, get(metrics_endpoint))
+        .route(ROUTES[15].1, get(openapi::serve))
         .fallback(|| async { problem::ApiError::NotFound })
         .layer(middleware::from_fn(observe))
         .with_state(state);

@@ -128,6 +128,15 @@ pub fn document() -> Value {
         "delete": { "summary": "Lift a suppression", "operationId": "deleteSuppression",
                     "parameters": [recipient_param],
                     "responses": merge(json!({ "204": { "description": "Lifted" } }), problem_responses(&[401, 404])) } }));
+    paths.insert("/v1/feedback/{source}".into(), json!({ "post": {
+        "summary": "Provider feedback: delivered, bounced, complained, opened, clicked, unsubscribed",
+        "description": "Takes reports in the provider's own format: `mailgun` (webhook JSON, HMAC-signed), `sendgrid` (event webhook array, ECDSA-signed), `ses` (SNS notifications, Basic auth in the subscription URL, configured topics only) and `push` (displayed/clicked beacons with a token). Each report becomes a delivery.feedback.v1 event; hard bounces, complaints and unsubscribes suppress the recipient. A source whose key is not configured is 404.",
+        "operationId": "receiveFeedback", "security": [],
+        "parameters": [{ "name": "source", "in": "path", "required": true,
+                         "schema": { "type": "string", "enum": crate::feedback::SOURCES } }],
+        "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object" } } } },
+        "responses": merge(json!({ "200": accepted("recorded, duplicates, unmatched and ignored counts; the recorded events are on the log.") }),
+                           problem_responses(&[400, 401, 404, 413, 503])) } }));
     paths.insert("/healthz".into(), json!({ "get": { "summary": "Liveness", "operationId": "healthz", "security": [], "responses": { "200": { "description": "Alive" } } } }));
     paths.insert("/readyz".into(), json!({ "get": { "summary": "Readiness: operational database and broker reachable", "operationId": "readyz", "security": [],
         "responses": { "200": { "description": "Ready" }, "503": { "description": "Not ready" } } } }));

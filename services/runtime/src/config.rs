@@ -40,7 +40,33 @@ pub struct Config {
     /// limits and tenants. A tenant's messages go through the identities
     /// that list it (or `*`) and serve the message's channel.
     pub identities: Vec<IdentityConfig>,
+    /// Provider feedback intake (`POST /v1/feedback/{source}`): the keys
+    /// each source's reports are verified with. A source without its key
+    /// is refused.
+    pub feedback: FeedbackConfig,
     pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackConfig {
+    /// Mailgun's webhook signing key: each event carries an HMAC-SHA256 of
+    /// its timestamp and token under it.
+    pub mailgun_signing_key: Option<String>,
+    /// SendGrid's signed event webhook verification key: the base64 DER
+    /// public key (ECDSA P-256) that SendGrid shows.
+    pub sendgrid_public_key: Option<String>,
+    /// Amazon SES through an SNS HTTPS subscription: the Basic-auth
+    /// credentials put in the subscription URL (`user:password`), and the
+    /// topic ARNs accepted.
+    pub ses_basic_auth: Option<String>,
+    pub ses_topic_arns: Vec<String>,
+    /// Push *displayed* / *clicked* beacons carry a token, the hex
+    /// HMAC-SHA256 of the message id under this secret.
+    pub beacon_secret: Option<String>,
+    /// How far a signed report's timestamp may be from now, in seconds
+    /// (replayed reports older than this are refused).
+    pub max_age_secs: Option<u64>,
 }
 
 /// The provider behind a sender identity.
@@ -102,6 +128,19 @@ pub struct IdentityConfig {
     /// SMTP connections kept open.
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
+    /// http_email only: up to this many messages (at most 1,000) in one
+    /// API call, each recipient's rendered subject and body passed as its
+    /// recipient variables; 0 sends one call per message. Needs a
+    /// `concurrency` at least as large to fill its batches.
+    #[serde(default)]
+    pub batch_size: usize,
+    /// How long a batch waits for more messages before it goes.
+    #[serde(default = "default_batch_wait_ms")]
+    pub batch_wait_ms: u64,
+}
+
+fn default_batch_wait_ms() -> u64 {
+    50
 }
 
 fn all_tenants() -> Vec<String> {
@@ -128,13 +167,17 @@ impl IdentityConfig {
             per_minute: 0,
             per_day: 0,
             burst: 0,
-            concurrency: default_identity_concurrency(),
+            // The local sink is a file with group commit: calls in flight
+            // cost nothing but memory, and each waits for a batch's fsync.
+            concurrency: if provider == ProviderKind::Sink { 1024 } else { default_identity_concurrency() },
             url: None,
             username: None,
             password: None,
             secret: None,
             from: None,
             pool_size: default_pool_size(),
+            batch_size: 0,
+            batch_wait_ms: default_batch_wait_ms(),
         }
     }
 
@@ -290,6 +333,7 @@ impl Default for Config {
             reporting_database_url: "postgres://postgres@127.0.0.1:5432/ledger_reporting".into(),
             http: HttpConfig::default(),
             sandbox: SandboxConfig::default(),
+            feedback: FeedbackConfig::default(),
             sink: SinkConfig::default(),
             projector: ProjectorConfig::default(),
             dispatcher: DispatcherConfig::default(),
@@ -430,6 +474,9 @@ impl Config {
             }
             if i.concurrency == 0 || i.tenants.is_empty() {
                 return bad(format!("identity {:?}: concurrency and tenants must not be empty", i.name));
+            }
+            if i.batch_size > 1_000 || (i.batch_size > 1 && i.provider != ProviderKind::HttpEmail) {
+                return bad(format!("identity {:?}: batch_size is for http_email identities, up to 1000", i.name));
             }
             match i.provider {
                 ProviderKind::Smtp | ProviderKind::HttpEmail if i.url.is_none() => {

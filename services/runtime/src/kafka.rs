@@ -45,9 +45,20 @@ pub fn producer(config: &Config) -> Result<FutureProducer, RuntimeError> {
 }
 
 /// Reports each assigned partition's lag (librdkafka's own statistics,
-/// every 5 s) as `ledger_consumer_lag_records{group,topic,partition}`.
+/// every 5 s) as `ledger_consumer_lag_records{group,topic,partition}`, and
+/// counts rebalances.
 pub struct LagContext {
     group: &'static str,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl LagContext {
+    /// Goes up with every assignment and revocation. Records read under an
+    /// earlier generation may be read again under this one, from the
+    /// committed offsets, so offset bookkeeping must not mix the two.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl ClientContext for LagContext {
@@ -71,6 +82,7 @@ impl ConsumerContext for LagContext {
         rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
         use rdkafka::consumer::Rebalance;
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let list = |tpl: &rdkafka::TopicPartitionList| {
             tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect::<Vec<_>>().join(" ")
         };
@@ -112,7 +124,7 @@ pub fn consumer(config: &Config, group: ConsumerGroup, topics: &[Topic]) -> Resu
                 _ => "300000",
             },
         )
-        .create_with_context(LagContext { group: group.base_name() })?;
+        .create_with_context(LagContext { group: group.base_name(), generation: Default::default() })?;
     let names: Vec<String> = topics.iter().map(|t| config.topic(*t)).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     consumer.subscribe(&refs)?;

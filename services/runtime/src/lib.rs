@@ -8,7 +8,7 @@ pub mod kafka;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use config::{Config, IdentityConfig, Mode, ProviderKind, SinkFailure, SinkFailureKind};
+pub use config::{Config, FeedbackConfig, IdentityConfig, Mode, ProviderKind, SinkFailure, SinkFailureKind};
 pub use error::RuntimeError;
 pub use shutdown::Shutdown;
 

@@ -1,0 +1,29 @@
+-- Provider feedback (delivery reports, bounces, complaints, opens, clicks,
+-- unsubscribes): the first report of each kind per message. Rates are
+-- computed from these; a bounce does not change the status.
+ALTER TABLE messages ADD COLUMN opened_at timestamptz;
+ALTER TABLE messages ADD COLUMN clicked_at timestamptz;
+ALTER TABLE messages ADD COLUMN bounced_at timestamptz;
+ALTER TABLE messages ADD COLUMN complained_at timestamptz;
+ALTER TABLE messages ADD COLUMN unsubscribed_at timestamptz;
+
+-- Engagement per tenant and sender identity, from provider feedback: of the
+-- messages delivered, how many bounced, complained, were opened, clicked,
+-- unsubscribed. A rate that falls to zero is a silent drop of feedback (or
+-- of delivery) to look at the same day.
+CREATE VIEW engagement_rates AS
+SELECT tenant_id, identity,
+       count(*) AS delivered,
+       count(bounced_at) AS bounced,
+       count(complained_at) AS complained,
+       count(opened_at) AS opened,
+       count(clicked_at) AS clicked,
+       count(unsubscribed_at) AS unsubscribed,
+       ROUND(count(bounced_at)::numeric / NULLIF(count(*), 0), 4) AS bounce_rate,
+       ROUND(count(complained_at)::numeric / NULLIF(count(*), 0), 4) AS complaint_rate,
+       ROUND(count(opened_at)::numeric / NULLIF(count(*), 0), 4) AS open_rate,
+       ROUND(count(clicked_at)::numeric / NULLIF(count(*), 0), 4) AS click_rate
+FROM messages
+WHERE status = 'delivered'
+GROUP BY tenant_id, identity;
+-- (Default privileges of 0003 grant SELECT on new views to ledger_reporter.)

@@ -1,0 +1,235 @@
+//! The claims of messages in the operational store, on the hot path of
+//! every delivery: look, claim, mark attempted, record the outcome. Each is
+//! one statement over the arrays of many messages at once (see `batch`),
+//! so the store's round trips do not grow with the message rate.
+//!
+//! Rows are locked in message-id order within every statement, so two
+//! statements of the same kind never deadlock each other.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::batch::{first_of_each, Batched};
+
+/// The claim of a message as the operational store has it, with what else
+/// decides its fate.
+#[derive(Debug, Default, sqlx::FromRow)]
+pub struct Look {
+    pub state: Option<String>,
+    pub attempt: Option<i32>,
+    pub outcome: Option<serde_json::Value>,
+    pub claimed_by: Option<String>,
+    pub live: Option<bool>,
+    pub identity: Option<String>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub suppressed: Option<String>,
+    pub cancelled: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct LookRow {
+    i: i64,
+    #[sqlx(flatten)]
+    look: Look,
+}
+
+pub struct LookFor {
+    pub message_id: Uuid,
+    pub tenant_id: String,
+    /// Normalised, as the suppression list stores it.
+    pub recipient: String,
+    pub intent_id: Uuid,
+}
+
+pub struct ClaimFor {
+    pub message_id: Uuid,
+    pub tenant_id: String,
+    pub intent_id: Uuid,
+    pub identity: String,
+}
+
+pub struct OutcomeFor {
+    pub message_id: Uuid,
+    /// `done` or `ambiguous`.
+    pub state: &'static str,
+    pub outcome: serde_json::Value,
+}
+
+/// The four batched statements of one dispatcher instance.
+pub struct Claims {
+    looks: Batched<LookFor, Look>,
+    claims: Batched<ClaimFor, Option<i32>>,
+    marks: Batched<Uuid, bool>,
+    outcomes: Batched<OutcomeFor, bool>,
+}
+
+const MAX_BATCH: usize = 1_000;
+const PARALLEL: usize = 3;
+
+impl Claims {
+    /// `instance` names this dispatcher in its claims; `lease` is how long
+    /// a claim or an attempt stays ours without a word from us.
+    pub fn start(pool: PgPool, instance: &str, lease_secs: f64) -> Claims {
+        let instance: Arc<str> = instance.into();
+        let p = pool.clone();
+        let looks = Batched::start("look", MAX_BATCH, PARALLEL, move |rs: Vec<LookFor>| {
+            let pool = p.clone();
+            async move { look(&pool, rs).await }
+        });
+        let (p, me) = (pool.clone(), instance.clone());
+        let claims = Batched::start("claim", MAX_BATCH, PARALLEL, move |rs: Vec<ClaimFor>| {
+            let (pool, me) = (p.clone(), me.clone());
+            async move { claim(&pool, &me, lease_secs, rs).await }
+        });
+        let (p, me) = (pool.clone(), instance.clone());
+        let marks = Batched::start("mark_attempted", MAX_BATCH, PARALLEL, move |rs: Vec<Uuid>| {
+            let (pool, me) = (p.clone(), me.clone());
+            async move { mark_attempted(&pool, &me, lease_secs, rs).await }
+        });
+        let (p, me) = (pool, instance);
+        let outcomes = Batched::start("record_outcome", MAX_BATCH, PARALLEL, move |rs: Vec<OutcomeFor>| {
+            let (pool, me) = (p.clone(), me.clone());
+            async move { record_outcome(&pool, &me, rs).await }
+        });
+        Claims { looks, claims, marks, outcomes }
+    }
+
+    pub async fn look(&self, r: LookFor) -> Result<Look, Arc<sqlx::Error>> {
+        self.looks.run(r).await
+    }
+
+    /// A fresh claim, or taking over our own or an expired one before any
+    /// call. The attempt number when it is ours now; `None` when someone
+    /// else holds it, it moved on, or its intent was cancelled.
+    pub async fn claim(&self, r: ClaimFor) -> Result<Option<i32>, Arc<sqlx::Error>> {
+        self.claims.run(r).await
+    }
+
+    /// Moves our claim to *attempted* (the attempted event is on the log);
+    /// `false` when it is no longer ours to call.
+    pub async fn mark_attempted(&self, message_id: Uuid) -> Result<bool, Arc<sqlx::Error>> {
+        self.marks.run(message_id).await
+    }
+
+    /// Records the outcome of our attempt; `false` when the claim was not
+    /// ours in *attempted* any more.
+    pub async fn record_outcome(&self, r: OutcomeFor) -> Result<bool, Arc<sqlx::Error>> {
+        self.outcomes.run(r).await
+    }
+}
+
+/// Indexes of `ids` in ascending id order.
+fn in_id_order(ids: &[Uuid]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| ids[i]);
+    order
+}
+
+async fn look(pool: &PgPool, rs: Vec<LookFor>) -> Result<Vec<Look>, sqlx::Error> {
+    let rows: Vec<LookRow> = sqlx::query_as(
+        "-- dispatcher::claims::look
+         SELECT r.i, c.state, c.attempt, c.outcome, c.claimed_by, c.lease_until > now() AS live, c.identity,
+                c.next_attempt_at, s.reason AS suppressed,
+                EXISTS (SELECT 1 FROM cancelled_intents ci WHERE ci.intent_id = r.intent_id) AS cancelled
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[])
+              WITH ORDINALITY AS r(message_id, tenant_id, recipient, intent_id, i)
+         LEFT JOIN delivery_claims c ON c.message_id = r.message_id
+         LEFT JOIN suppressions s ON s.tenant_id = r.tenant_id AND s.recipient = r.recipient",
+    )
+    .bind(rs.iter().map(|r| r.message_id).collect::<Vec<_>>())
+    .bind(rs.iter().map(|r| r.tenant_id.as_str()).collect::<Vec<_>>())
+    .bind(rs.iter().map(|r| r.recipient.as_str()).collect::<Vec<_>>())
+    .bind(rs.iter().map(|r| r.intent_id).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    let mut looks: Vec<Option<Look>> = (0..rs.len()).map(|_| None).collect();
+    for row in rows {
+        if let Some(slot) = usize::try_from(row.i - 1).ok().and_then(|i| looks.get_mut(i)) {
+            *slot = Some(row.look);
+        }
+    }
+    looks.into_iter().map(|l| l.ok_or_else(|| sqlx::Error::Protocol("a look without its row".into()))).collect()
+}
+
+async fn claim(
+    pool: &PgPool,
+    instance: &str,
+    lease_secs: f64,
+    rs: Vec<ClaimFor>,
+) -> Result<Vec<Option<i32>>, sqlx::Error> {
+    let first = first_of_each(rs.iter().map(|r| r.message_id));
+    let ids: Vec<Uuid> = rs.iter().map(|r| r.message_id).collect();
+    let order: Vec<usize> = in_id_order(&ids).into_iter().filter(|&i| first[i]).collect();
+    let rows: Vec<(Uuid, i32)> = sqlx::query_as(
+        "-- dispatcher::claims::claim
+         INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until, identity, intent_id)
+         SELECT r.message_id, r.tenant_id, 'claimed', 1, $5, now() + make_interval(secs => $6), r.identity, r.intent_id
+         FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[]) AS r(message_id, tenant_id, intent_id, identity)
+         WHERE NOT EXISTS (SELECT 1 FROM cancelled_intents ci WHERE ci.intent_id = r.intent_id)
+         ON CONFLICT (message_id) DO UPDATE
+         SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until,
+             identity = EXCLUDED.identity, updated_at = now()
+         WHERE delivery_claims.state = 'claimed'
+           AND (delivery_claims.claimed_by = EXCLUDED.claimed_by OR delivery_claims.lease_until < now())
+         RETURNING message_id, attempt",
+    )
+    .bind(order.iter().map(|&i| rs[i].message_id).collect::<Vec<_>>())
+    .bind(order.iter().map(|&i| rs[i].tenant_id.as_str()).collect::<Vec<_>>())
+    .bind(order.iter().map(|&i| rs[i].intent_id).collect::<Vec<_>>())
+    .bind(order.iter().map(|&i| rs[i].identity.as_str()).collect::<Vec<_>>())
+    .bind(instance)
+    .bind(lease_secs)
+    .fetch_all(pool)
+    .await?;
+    let won: std::collections::HashMap<Uuid, i32> = rows.into_iter().collect();
+    Ok(rs.iter().zip(first).map(|(r, first)| if first { won.get(&r.message_id).copied() } else { None }).collect())
+}
+
+async fn mark_attempted(
+    pool: &PgPool,
+    instance: &str,
+    lease_secs: f64,
+    ids: Vec<Uuid>,
+) -> Result<Vec<bool>, sqlx::Error> {
+    let first = first_of_each(ids.iter().copied());
+    let order: Vec<Uuid> = in_id_order(&ids).into_iter().filter(|&i| first[i]).map(|i| ids[i]).collect();
+    let rows: Vec<Uuid> = sqlx::query_scalar(
+        "-- dispatcher::claims::mark_attempted
+         UPDATE delivery_claims c
+         SET state = 'attempted', lease_until = now() + make_interval(secs => $3), updated_at = now()
+         FROM UNNEST($1::uuid[]) AS r(message_id)
+         WHERE c.message_id = r.message_id AND c.claimed_by = $2 AND c.state = 'claimed'
+         RETURNING c.message_id",
+    )
+    .bind(order)
+    .bind(instance)
+    .bind(lease_secs)
+    .fetch_all(pool)
+    .await?;
+    let ours: std::collections::HashSet<Uuid> = rows.into_iter().collect();
+    Ok(ids.iter().zip(first).map(|(id, first)| first && ours.contains(id)).collect())
+}
+
+async fn record_outcome(pool: &PgPool, instance: &str, rs: Vec<OutcomeFor>) -> Result<Vec<bool>, sqlx::Error> {
+    let first = first_of_each(rs.iter().map(|r| r.message_id));
+    let ids: Vec<Uuid> = rs.iter().map(|r| r.message_id).collect();
+    let order: Vec<usize> = in_id_order(&ids).into_iter().filter(|&i| first[i]).collect();
+    let rows: Vec<Uuid> = sqlx::query_scalar(
+        "-- dispatcher::claims::record_outcome
+         UPDATE delivery_claims c SET state = r.state, outcome = r.outcome, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS r(message_id, state, outcome)
+         WHERE c.message_id = r.message_id AND c.claimed_by = $4 AND c.state = 'attempted'
+         RETURNING c.message_id",
+    )
+    .bind(order.iter().map(|&i| rs[i].message_id).collect::<Vec<_>>())
+    .bind(order.iter().map(|&i| rs[i].state).collect::<Vec<_>>())
+    .bind(order.iter().map(|&i| rs[i].outcome.clone()).collect::<Vec<_>>())
+    .bind(instance)
+    .fetch_all(pool)
+    .await?;
+    let recorded: std::collections::HashSet<Uuid> = rows.into_iter().collect();
+    Ok(rs.iter().zip(first).map(|(r, first)| first && recorded.contains(&r.message_id)).collect())
+}

@@ -1,0 +1,65 @@
+//! What the ledger's consumers assume of any Kafka-API broker, checked
+//! against the one the tests run on (see infra/tansu/README.md).
+
+use std::time::{Duration, Instant};
+
+use ledger_runtime::kafka;
+use ledger_schemas::Topic;
+use ledger_tests::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+async fn produce_batch(config: &ledger_runtime::Config, topic: &str, range: std::ops::Range<usize>) {
+    let producer = kafka::producer(config).expect("producer");
+    let sends = range.map(|i| {
+        let (producer, payload) = (producer.clone(), format!("r{i}"));
+        async move {
+            producer
+                .send(FutureRecord::to(topic).partition(0).key("k").payload(&payload), Duration::from_secs(10))
+                .await
+                .map(|d| d.offset)
+                .map_err(|(e, _)| e)
+        }
+    });
+    for r in futures::future::join_all(sends).await {
+        r.expect("acknowledged");
+    }
+}
+
+fn read_from(config: &ledger_runtime::Config, topic: &str, start: i64, want: usize) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", format!("{topic}-probe-{start}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(start)).expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < want && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            got.push(m.offset());
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_fetch_from_the_middle_of_a_record_batch_gets_every_record_from_there() {
+    let mut config = test_config();
+    // Long enough for each group of sends to go as one batch.
+    config.kafka.linger_ms = 50;
+    prepare(&config).await.expect("prepare");
+    let topic = config.topic(Topic::Rendered);
+    produce_batch(&config, &topic, 0..6).await;
+    produce_batch(&config, &topic, 6..9).await;
+    assert_eq!(read_from(&config, &topic, 0, 9), (0..9).collect::<Vec<_>>());
+    // What a consumer does after every restart and rebalance: resume from a
+    // committed offset, which may fall inside a batch.
+    assert_eq!(read_from(&config, &topic, 2, 7), (2..9).collect::<Vec<_>>(), "inside the first batch");
+    assert_eq!(read_from(&config, &topic, 7, 2), vec![7, 8], "inside the last batch");
+    drop_databases(&config).await;
+}
