@@ -242,6 +242,10 @@ impl Dispatcher {
             claims,
             instance: self.instance,
         });
+        // The first produce to a topic waits for its metadata and leader,
+        // hundreds of milliseconds on a local broker: calls the governor
+        // allowed meanwhile would then reach the provider together.
+        warm_up(&inner.producer, &inner.config).await;
         tracing::info!(
             instance = %inner.instance,
             identities = ?inner.identities.iter().map(|i| i.config.name.as_str()).collect::<Vec<_>>(),
@@ -254,6 +258,23 @@ impl Dispatcher {
         );
         tracing::info!("dispatcher stopped");
         a.and(b)
+    }
+}
+
+/// Learns the leaders of the topics the dispatcher writes, before the
+/// first record is read.
+async fn warm_up(producer: &FutureProducer, config: &Config) {
+    use rdkafka::producer::Producer;
+    for topic in [Topic::Outcomes, Topic::Retries] {
+        let (producer, name) = (producer.clone(), config.topic(topic));
+        let known = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&name), Duration::from_secs(5)).is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if !known {
+            tracing::warn!(topic = topic.base_name(), "no metadata yet; the first sends will wait for it");
+        }
     }
 }
 
