@@ -106,9 +106,22 @@ impl EventId {
 
 /// Lower-cases and trims an address. Local parts are case-sensitive in theory
 /// and never in practice; treating them as one recipient is what prevents a
-/// double send to `Bob@x` and `bob@x`.
+/// double send to `Bob@x` and `bob@x`. An endpoint URL (webhook, push) keeps
+/// the case of its path, query and fragment, which are case-sensitive (a
+/// push subscription's keys ride in the fragment); only its scheme and host
+/// are lower-cased.
 pub fn normalise_recipient(recipient: &str) -> String {
-    recipient.trim().to_lowercase()
+    let r = recipient.trim();
+    let scheme =
+        ["https://", "http://"].into_iter().find(|s| r.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)));
+    match scheme {
+        Some(s) => {
+            let rest = &r[s.len()..];
+            let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            format!("{s}{}{}", rest[..host_end].to_lowercase(), &rest[host_end..])
+        }
+        None => r.to_lowercase(),
+    }
 }
 
 /// A tenant: the customer on whose behalf messages are sent.
@@ -146,6 +159,18 @@ impl fmt::Display for TenantId {
 #[error("invalid tenant name {0:?}: use 1-63 characters a-z, 0-9, '-' or '_', starting with a letter or digit")]
 pub struct InvalidTenant(pub String);
 
+/// The token a push payload carries so that its client can report it
+/// displayed or clicked (`POST /v1/feedback/push`): the hex HMAC-SHA256 of
+/// the message id under the beacon secret. Only this ledger can make one,
+/// and it is good for its one message.
+pub fn beacon_token(secret: &str, message_id: Uuid) -> String {
+    use hmac::{Hmac, Mac};
+    // HMAC takes a key of any length.
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else { return String::new() };
+    mac.update(message_id.to_string().as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +196,16 @@ mod tests {
     fn message_ids_ignore_recipient_case_and_whitespace() {
         let i = IntentId(Uuid::from_u128(7));
         assert_eq!(MessageId::derive(i, " Bob@Example.com"), MessageId::derive(i, "bob@example.com"));
+    }
+
+    #[test]
+    fn an_endpoint_keeps_the_case_of_its_path_and_fragment() {
+        assert_eq!(
+            normalise_recipient(" HTTPS://Push.Example.NET/Send/AbC#p256dh=BXy&auth=Qq "),
+            "https://push.example.net/Send/AbC#p256dh=BXy&auth=Qq"
+        );
+        assert_eq!(normalise_recipient("http://Hooks.Example.com?Token=X"), "http://hooks.example.com?Token=X");
+        assert_ne!(normalise_recipient("https://x.io/A"), normalise_recipient("https://x.io/a"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub use events::{
     MessageRendered, Priority, Recipient, RecipientBatch, RenderFailed, Suppressed, SuppressionReason,
     TemplatePublished, TemplateRef,
 };
-pub use ids::{normalise_recipient, EventId, IntentId, MessageId, TenantId};
+pub use ids::{beacon_token, normalise_recipient, EventId, IntentId, MessageId, TenantId};
 pub use topics::{ConsumerGroup, Topic};
 
 /// Kafka header carrying the event type (`intent.accepted.v1`, ...), so a

@@ -641,3 +641,151 @@ async fn the_http_email_batch_form_sends_many_recipients_per_call_each_with_its_
     assert!(seen.values().all(|n| *n == 1), "and in one call only");
     app.stop().await;
 }
+
+/// A push service: checks the VAPID authorization, decrypts each payload
+/// with the subscriber's keys (RFC 8291), answers 201 or, for `gone`, 410.
+#[derive(Clone)]
+struct PushService {
+    subscriber: p256::SecretKey,
+    auth: [u8; 16],
+    vapid_public: Vec<u8>,
+    received: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn unb64url(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).expect("base64url")
+}
+
+impl PushService {
+    fn subscription(&self, base: &str, path: &str) -> String {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let p256dh = b64url(self.subscriber.public_key().to_encoded_point(false).as_bytes());
+        format!("{base}/push/{path}#p256dh={p256dh}&auth={}", b64url(&self.auth))
+    }
+
+    /// The receiving side of RFC 8291 / RFC 8188 (one record).
+    fn decrypt(&self, body: &[u8]) -> Vec<u8> {
+        use aes_gcm::aead::{Aead, KeyInit};
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let (salt, rest) = body.split_at(16);
+        let id_len = rest[4] as usize;
+        let (as_public, sealed) = rest[5..].split_at(id_len);
+        let sender = p256::PublicKey::from_sec1_bytes(as_public).expect("sender key");
+        let shared = p256::ecdh::diffie_hellman(self.subscriber.to_nonzero_scalar(), sender.as_affine());
+        let mut info = b"WebPush: info\0".to_vec();
+        info.extend_from_slice(self.subscriber.public_key().to_encoded_point(false).as_bytes());
+        info.extend_from_slice(as_public);
+        let mut ikm = [0u8; 32];
+        hkdf::Hkdf::<sha2::Sha256>::new(Some(&self.auth), shared.raw_secret_bytes())
+            .expand(&info, &mut ikm)
+            .expect("ikm");
+        let prk = hkdf::Hkdf::<sha2::Sha256>::new(Some(salt), &ikm);
+        let (mut cek, mut nonce) = ([0u8; 16], [0u8; 12]);
+        prk.expand(b"Content-Encoding: aes128gcm\0", &mut cek).expect("cek");
+        prk.expand(b"Content-Encoding: nonce\0", &mut nonce).expect("nonce");
+        let cipher = aes_gcm::Aes128Gcm::new_from_slice(&cek).expect("cipher");
+        let mut plain = cipher.decrypt(aes_gcm::Nonce::from_slice(&nonce), sealed).expect("decrypts with our keys");
+        assert_eq!(plain.pop(), Some(2), "the last record's delimiter");
+        plain
+    }
+
+    /// Whether `Authorization: vapid t=…, k=…` is a valid ES256 JWT for
+    /// `audience` under the identity's key.
+    fn vapid_ok(&self, header: &str, audience: &str) -> bool {
+        use p256::ecdsa::signature::Verifier;
+        let Some(rest) = header.strip_prefix("vapid t=") else { return false };
+        let Some((jwt, k)) = rest.split_once(", k=") else { return false };
+        if unb64url(k) != self.vapid_public {
+            return false;
+        }
+        let Some((signed, signature)) = jwt.rsplit_once('.') else { return false };
+        let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.vapid_public).expect("key");
+        let Ok(signature) = p256::ecdsa::Signature::from_slice(&unb64url(signature)) else { return false };
+        let claims: Value =
+            serde_json::from_slice(&unb64url(signed.split('.').nth(1).unwrap_or_default())).unwrap_or_default();
+        key.verify(signed.as_bytes(), &signature).is_ok() && claims["aud"] == audience && claims["exp"].is_i64()
+    }
+}
+
+async fn push_service(
+    axum::extract::State(s): axum::extract::State<PushService>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> (axum::http::StatusCode, [(&'static str, String); 1]) {
+    let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let encoding = headers.get("content-encoding").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !s.vapid_ok(auth, &format!("http://{host}")) || encoding != "aes128gcm" {
+        return (axum::http::StatusCode::UNAUTHORIZED, [("location", String::new())]);
+    }
+    if path == "gone" {
+        return (axum::http::StatusCode::GONE, [("location", String::new())]);
+    }
+    let payload: Value = serde_json::from_slice(&s.decrypt(&body)).expect("json payload");
+    s.received.lock().expect("lock").push((path.clone(), payload));
+    (axum::http::StatusCode::CREATED, [("location", format!("http://{host}/messages/{path}"))])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_push_is_encrypted_for_the_subscription_authorised_with_vapid_and_a_gone_one_is_suppressed() {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    let vapid = p256::SecretKey::from_bytes(&[5u8; 32].into()).expect("vapid key");
+    let service = PushService {
+        subscriber: p256::SecretKey::from_bytes(&[11u8; 32].into()).expect("subscriber key"),
+        auth: [9u8; 16],
+        vapid_public: vapid.public_key().to_encoded_point(false).as_bytes().to_vec(),
+        received: Arc::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let router =
+        axum::Router::new().route("/push/{path}", axum::routing::post(push_service)).with_state(service.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let mut config = test_config();
+    let mut push = IdentityConfig::new("browser-push", ProviderKind::Webpush);
+    push.secret = Some(b64url(&vapid.to_bytes()));
+    push.from = Some("mailto:ops@example.com".into());
+    config.identities = vec![push];
+    config.feedback.beacon_secret = Some("beacon".into());
+    let app = spawn_app_with(config).await;
+    let notify = |to: String| {
+        json!({ "channel": "push", "to": to, "variables": { "name": "Ann" },
+                "content": { "subject": "Hi {{ name }}", "text": "Your order shipped", "json": { "order": 42 } } })
+    };
+    let ok = send(&app, "push-ok", &notify(service.subscription(&base, "sub-1"))).await;
+    let gone_to = service.subscription(&base, "gone");
+    let gone = send(&app, "push-gone", &notify(gone_to.clone())).await;
+
+    let row = app.wait_for_status(&ok, "delivered").await;
+    assert_eq!(row["provider_message_id"], format!("{base}/messages/sub-1"));
+    let received = service.received.lock().expect("lock").clone();
+    assert_eq!(received.len(), 1, "{received:?}");
+    let payload = &received[0].1;
+    assert_eq!(payload["title"], "Hi Ann");
+    assert_eq!(payload["body"], "Your order shipped");
+    assert_eq!(payload["data"]["order"], 42);
+    assert_eq!(payload["message_id"], ok.as_str());
+    let beacon = ledger_schemas::beacon_token("beacon", uuid::Uuid::parse_str(&ok).expect("uuid"));
+    assert_eq!(payload["beacon_token"], beacon, "the client can report it displayed");
+
+    let row = app.wait_for_status(&gone, "failed").await;
+    assert_eq!(row["last_error_code"], "expired_subscription");
+    let reason: String = sqlx::query_scalar("-- tests::expired\nSELECT reason FROM suppressions WHERE recipient = $1")
+        .bind(ledger_schemas::normalise_recipient(&gone_to))
+        .fetch_one(&app.ops)
+        .await
+        .expect("suppressed");
+    assert_eq!(reason, "expired_subscription");
+    // The next message to it is not sent.
+    let again = send(&app, "push-gone-2", &notify(gone_to)).await;
+    app.wait_for_status(&again, "suppressed").await;
+    app.stop().await;
+}

@@ -34,6 +34,7 @@ pub mod provider;
 pub mod sink;
 pub mod smtp;
 pub mod webhook;
+pub mod webpush;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,6 +156,15 @@ pub async fn provider_for(config: &Config, identity: &IdentityConfig) -> Result<
             )
             .map_err(|e| bad(e.to_string()))?,
         ),
+        ProviderKind::Webpush => Arc::new(
+            webpush::WebPushProvider::new(
+                identity.secret.as_deref().unwrap_or_default(),
+                identity.from.clone(),
+                config.feedback.beacon_secret.clone(),
+                timeout,
+            )
+            .map_err(bad)?,
+        ),
         ProviderKind::Webhook => Arc::new(
             webhook::WebhookProvider::new(identity.secret.as_deref().unwrap_or_default(), timeout)
                 .map_err(|e| bad(e.to_string()))?,
@@ -207,6 +217,7 @@ pub fn serves_channel(provider: ProviderKind, channel: Channel) -> bool {
         ProviderKind::Sink => true,
         ProviderKind::Smtp | ProviderKind::HttpEmail => channel == Channel::Email,
         ProviderKind::Webhook => channel == Channel::Webhook,
+        ProviderKind::Webpush => channel == Channel::Push,
     }
 }
 
@@ -674,6 +685,22 @@ impl Inner {
         };
         metrics::histogram!("ledger_provider_call_seconds", "identity" => name.to_owned(), "provider" => provider)
             .record(started.elapsed().as_secs_f64());
+        if let Err(ProviderError::Permanent { code, .. }) = &result {
+            if code == webpush::EXPIRED_SUBSCRIPTION {
+                // The push service says the subscription is gone: nothing
+                // more goes to it, for this tenant.
+                sqlx::query(
+                    "-- dispatcher::attempt (expired subscription)
+                     INSERT INTO suppressions (tenant_id, recipient, reason, source)
+                     VALUES ($1, $2, 'expired_subscription', $3) ON CONFLICT (tenant_id, recipient) DO NOTHING",
+                )
+                .bind(&event.tenant_id.0)
+                .bind(normalise_recipient(&message.recipient))
+                .bind(format!("provider:{name}"))
+                .execute(&self.ops)
+                .await?;
+            }
+        }
         let last = attempt >= self.config.dispatcher.max_attempts;
         let failed = |code: String, reason: String, permanent: bool| DeliveryFailed {
             attempt,

@@ -104,12 +104,9 @@ fn fresh(config: &FeedbackConfig, at: DateTime<Utc>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The hex HMAC-SHA256 of `message_id` under the beacon secret: what a push
-/// payload carries so that its client can report it displayed or clicked.
+/// The token of a push beacon (see [`ledger_schemas::beacon_token`]).
 pub fn beacon_token(secret: &str, message_id: Uuid) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
-    mac.update(message_id.to_string().as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    ledger_schemas::beacon_token(secret, message_id)
 }
 
 fn verify_hmac_hex(key: &str, data: &[u8], signature_hex: &str) -> Result<(), ApiError> {

@@ -81,6 +81,9 @@ pub enum ProviderKind {
     Webhook,
     /// An HTTP email API in the Mailgun style (email).
     HttpEmail,
+    /// Browser push through Web Push with VAPID (push): `secret` is the
+    /// VAPID private key (base64url), `from` the VAPID subject.
+    Webpush,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -481,6 +484,12 @@ impl Config {
             match i.provider {
                 ProviderKind::Smtp | ProviderKind::HttpEmail if i.url.is_none() => {
                     return bad(format!("identity {:?}: an smtp or http_email identity needs a url", i.name))
+                }
+                ProviderKind::Webpush if i.secret.is_none() => {
+                    return bad(format!(
+                        "identity {:?}: a webpush identity needs its VAPID private key as secret",
+                        i.name
+                    ))
                 }
                 ProviderKind::Webhook if i.secret.as_deref().unwrap_or_default().len() < 16 => {
                     return bad(format!("identity {:?}: a webhook identity needs a secret of 16 bytes or more", i.name))
