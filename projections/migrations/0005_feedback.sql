@@ -27,3 +27,14 @@ FROM messages
 WHERE status = 'delivered'
 GROUP BY tenant_id, identity;
 -- (Default privileges of 0003 grant SELECT on new views to ledger_reporter.)
+
+-- Messages that reached a terminal status through each sender identity, per
+-- hour and status (the identity the message's row names when it ends;
+-- delivered, failed and ambiguous outcomes carry it themselves).
+CREATE TABLE identity_hourly (
+    identity text        NOT NULL,
+    hour     timestamptz NOT NULL,
+    status   text        NOT NULL,
+    messages bigint      NOT NULL,
+    PRIMARY KEY (identity, hour, status)
+);

@@ -104,8 +104,9 @@ pub async fn save_offsets(
 }
 
 /// A message's status change in a batch: intent, tenant, status before (none
-/// for a new row), status after, and when it got there.
-type Transition = (Uuid, String, Option<String>, String, DateTime<Utc>);
+/// for a new row), status after, when it got there, and the sender identity
+/// the row names by then.
+type Transition = (Uuid, String, Option<String>, String, DateTime<Utc>, Option<String>);
 
 /// Keeps `intent_status_counts` and `tenant_hourly` in step with the
 /// messages' status transitions of this batch.
@@ -115,7 +116,8 @@ async fn apply_transitions(conn: &mut PgConnection, transitions: &[Transition]) 
     }
     let mut counts: HashMap<(Uuid, &str, &str), i64> = HashMap::new();
     let mut hourly: HashMap<(&str, DateTime<Utc>, &str), i64> = HashMap::new();
-    for (intent, tenant, old, new, at) in transitions {
+    let mut by_identity: HashMap<(&str, DateTime<Utc>, &str), i64> = HashMap::new();
+    for (intent, tenant, old, new, at, identity) in transitions {
         if let Some(old) = old {
             *counts.entry((*intent, tenant, old)).or_default() -= 1;
         }
@@ -124,6 +126,9 @@ async fn apply_transitions(conn: &mut PgConnection, transitions: &[Transition]) 
         if !was_terminal && Status::parse(new).is_some_and(Status::is_terminal) {
             let hour = at.duration_trunc(chrono::TimeDelta::hours(1)).unwrap_or(*at);
             *hourly.entry((tenant, hour, new)).or_default() += 1;
+            if let Some(identity) = identity {
+                *by_identity.entry((identity, hour, new)).or_default() += 1;
+            }
         }
     }
     let mut counts: Vec<_> = counts.into_iter().filter(|(_, n)| *n != 0).collect();
@@ -154,6 +159,22 @@ async fn apply_transitions(conn: &mut PgConnection, transitions: &[Transition]) 
     .bind(hourly.iter().map(|(_, n)| *n).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
+    if !by_identity.is_empty() {
+        let mut rows: Vec<_> = by_identity.into_iter().collect();
+        rows.sort();
+        sqlx::query(
+            "-- projections::store::apply_transitions (identity_hourly)
+             INSERT INTO identity_hourly (identity, hour, status, messages)
+             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::bigint[])
+             ON CONFLICT (identity, hour, status) DO UPDATE SET messages = identity_hourly.messages + EXCLUDED.messages",
+        )
+        .bind(rows.iter().map(|((i, _, _), _)| *i).collect::<Vec<_>>())
+        .bind(rows.iter().map(|((_, h, _), _)| *h).collect::<Vec<_>>())
+        .bind(rows.iter().map(|((_, _, s), _)| *s).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(_, n)| *n).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 
@@ -184,7 +205,9 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         .await?
         .into_iter()
         .collect();
-        let after: Vec<(Uuid, Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
+        // (message, intent, tenant, status, when, identity) after the upsert.
+        type After = (Uuid, Uuid, String, String, DateTime<Utc>, Option<String>);
+        let after: Vec<After> = sqlx::query_as(
             r#"-- projections::store::apply (messages)
             WITH input AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
@@ -229,7 +252,7 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                 identity = CASE WHEN i.wins THEN EXCLUDED.identity ELSE messages.identity END,
                 identity_attempt = CASE WHEN i.wins THEN EXCLUDED.identity_attempt ELSE messages.identity_attempt END
             RETURNING message_id, intent_id, tenant_id, status,
-                      COALESCE(delivered_at, failed_at, suppressed_at, updated_at) AS at
+                      COALESCE(delivered_at, failed_at, suppressed_at, updated_at) AS at, identity
             "#
             .replace(
                 "e.wins",
@@ -276,9 +299,9 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         applied.messages = rows.len() as u64;
         let transitions: Vec<Transition> = after
             .into_iter()
-            .filter_map(|(message, intent, tenant, status, at)| {
+            .filter_map(|(message, intent, tenant, status, at, identity)| {
                 let old = before.get(&message).cloned();
-                (old.as_deref() != Some(status.as_str())).then_some((intent, tenant, old, status, at))
+                (old.as_deref() != Some(status.as_str())).then_some((intent, tenant, old, status, at, identity))
             })
             .collect();
         apply_transitions(conn, &transitions).await?;

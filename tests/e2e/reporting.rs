@@ -75,12 +75,21 @@ async fn campaign_counts_match_the_rows_and_a_replay_of_the_log_changes_nothing(
             .await
             .expect("hourly");
     assert_eq!(hourly, 20);
+    // Through the one sender identity: the 18 delivered (the suppressed and
+    // the render failure never reached one).
+    let by_identity: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT identity, status, sum(messages)::bigint FROM identity_hourly GROUP BY 1, 2")
+            .fetch_all(&app.reporting)
+            .await
+            .expect("identity_hourly");
+    assert_eq!(by_identity, vec![("local-sink".into(), "delivered".into(), 18)]);
 
     let tables = [
         ("messages", "message_id"),
         ("delivery_attempts", "message_id, attempt"),
         ("intent_status_counts", "intent_id, status"),
         ("tenant_hourly", "tenant_id, hour, status"),
+        ("identity_hourly", "identity, hour, status"),
         ("intents", "intent_id"),
     ];
     let mut before = Vec::new();

@@ -67,7 +67,7 @@ pub struct Claims {
 }
 
 const MAX_BATCH: usize = 1_000;
-const PARALLEL: usize = 3;
+const PARALLEL: usize = 2;
 
 impl Claims {
     /// `instance` names this dispatcher in its claims; `lease` is how long
