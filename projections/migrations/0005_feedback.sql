@@ -38,3 +38,8 @@ CREATE TABLE identity_hourly (
     messages bigint      NOT NULL,
     PRIMARY KEY (identity, hour, status)
 );
+
+-- The template and version each message was rendered from (pinned at
+-- acceptance); NULL for inline content.
+ALTER TABLE messages ADD COLUMN template text;
+ALTER TABLE messages ADD COLUMN template_version integer;

@@ -107,6 +107,10 @@ pub struct MessagePatch {
     pub delivered_at: Option<DateTime<Utc>>,
     pub failed_at: Option<DateTime<Utc>>,
     pub suppressed_at: Option<DateTime<Utc>>,
+    /// The template and version the message was rendered from (pinned at
+    /// acceptance); none for inline content.
+    pub template: Option<String>,
+    pub template_version: Option<i32>,
     /// Provider feedback: the first report of each kind.
     pub opened_at: Option<DateTime<Utc>>,
     pub clicked_at: Option<DateTime<Utc>>,
@@ -152,6 +156,8 @@ impl MessagePatch {
             delivered_at: None,
             failed_at: None,
             suppressed_at: None,
+            template: None,
+            template_version: None,
             opened_at: None,
             clicked_at: None,
             bounced_at: None,
@@ -196,6 +202,10 @@ impl MessagePatch {
         self.delivered_at = earliest(self.delivered_at, other.delivered_at);
         self.failed_at = earliest(self.failed_at, other.failed_at);
         self.suppressed_at = earliest(self.suppressed_at, other.suppressed_at);
+        if (other.template_version, &other.template) > (self.template_version, &self.template) {
+            self.template_version = other.template_version;
+            self.template = other.template;
+        }
         self.opened_at = earliest(self.opened_at, other.opened_at);
         self.clicked_at = earliest(self.clicked_at, other.clicked_at);
         self.bounced_at = earliest(self.bounced_at, other.bounced_at);
@@ -409,6 +419,10 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
                 p.channel = Some(batch.channel.as_str().to_owned());
                 p.recipient = Some(ledger_schemas::ids::normalise_recipient(&r.address));
                 p.accepted_at = at;
+                if let Some(t) = &batch.template {
+                    p.template = Some(t.name.clone());
+                    p.template_version = Some(t.version as i32);
+                }
                 p
             })
             .collect();

@@ -214,16 +214,19 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                     $7::smallint[], $8::int[], $9::int[], $10::text[], $11::text[], $12::text[],
                     $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[],
                     $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int[],
-                    $22::timestamptz[], $23::timestamptz[], $24::timestamptz[], $25::timestamptz[], $26::timestamptz[])
+                    $22::timestamptz[], $23::timestamptz[], $24::timestamptz[], $25::timestamptz[], $26::timestamptz[],
+                    $27::text[], $28::int[])
                 AS u(message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
                      attempts, error_attempt, last_error_code, last_error, provider_message_id,
                      accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at,
-                     identity, identity_attempt, opened_at, clicked_at, bounced_at, complained_at, unsubscribed_at)
+                     identity, identity_attempt, opened_at, clicked_at, bounced_at, complained_at, unsubscribed_at,
+                     template, template_version)
             )
             INSERT INTO messages (message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
                 attempts, error_attempt, last_error_code, last_error, provider_message_id,
                 accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at,
-                identity, identity_attempt, opened_at, clicked_at, bounced_at, complained_at, unsubscribed_at)
+                identity, identity_attempt, opened_at, clicked_at, bounced_at, complained_at, unsubscribed_at,
+                template, template_version)
             SELECT * FROM input
             ON CONFLICT (message_id) DO UPDATE SET
                 status = CASE WHEN (EXCLUDED.status_rank, EXCLUDED.status COLLATE "C")
@@ -248,6 +251,8 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                 bounced_at = LEAST(messages.bounced_at, EXCLUDED.bounced_at),
                 complained_at = LEAST(messages.complained_at, EXCLUDED.complained_at),
                 unsubscribed_at = LEAST(messages.unsubscribed_at, EXCLUDED.unsubscribed_at),
+                template = CASE WHEN t.wins THEN EXCLUDED.template ELSE messages.template END,
+                template_version = CASE WHEN t.wins THEN EXCLUDED.template_version ELSE messages.template_version END,
                 updated_at = GREATEST(messages.updated_at, EXCLUDED.updated_at),
                 identity = CASE WHEN i.wins THEN EXCLUDED.identity ELSE messages.identity END,
                 identity_attempt = CASE WHEN i.wins THEN EXCLUDED.identity_attempt ELSE messages.identity_attempt END
@@ -260,6 +265,11 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                      COALESCE(EXCLUDED.last_error_code, '') COLLATE "C", COALESCE(EXCLUDED.last_error, '') COLLATE "C")
                   > (messages.error_attempt, messages.last_error_code IS NOT NULL,
                      COALESCE(messages.last_error_code, '') COLLATE "C", COALESCE(messages.last_error, '') COLLATE "C"))"#,
+            )
+            .replace(
+                "t.wins",
+                r#"((EXCLUDED.template_version IS NOT NULL, COALESCE(EXCLUDED.template_version, 0), COALESCE(EXCLUDED.template, '') COLLATE "C")
+                  > (messages.template_version IS NOT NULL, COALESCE(messages.template_version, 0), COALESCE(messages.template, '') COLLATE "C"))"#,
             )
             .replace(
                 "i.wins",
@@ -294,6 +304,8 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         .bind(col!(|r| r.bounced_at))
         .bind(col!(|r| r.complained_at))
         .bind(col!(|r| r.unsubscribed_at))
+        .bind(col!(|r| r.template.clone()))
+        .bind(col!(|r| r.template_version))
         .fetch_all(&mut *conn)
         .await?;
         applied.messages = rows.len() as u64;

@@ -25,7 +25,7 @@ fn events() -> Vec<Event> {
         ev(
             0,
             EventBody::RecipientBatch(RecipientBatch {
-                template: None,
+                template: Some(TemplateRef { name: "welcome".into(), version: 3 }),
                 batch_index: 0,
                 batch_count: 1,
                 channel: Channel::Email,
@@ -142,6 +142,7 @@ async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
     assert_eq!(in_order["clicked_at"], "2027-01-15T08:00:07+00:00");
     assert_eq!(in_order["delivered_at"], "2027-01-15T08:00:05+00:00");
     assert_eq!(in_order["bounced_at"], Value::Null);
+    assert_eq!((in_order["template"].as_str(), in_order["template_version"].as_i64()), (Some("welcome"), Some(3)));
 
     // Reversed, with everything applied twice: the same row.
     sqlx::query("TRUNCATE messages").execute(&pool).await.expect("truncate");

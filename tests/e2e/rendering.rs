@@ -55,7 +55,8 @@ async fn a_published_template_renders_with_defaults_escaping_inlined_css_and_a_d
         )
         .await;
     assert_eq!(bob.status, 202, "{}", bob.body);
-    app.wait_for_status(ann.body["message_id"].as_str().expect("id"), "delivered").await;
+    let row = app.wait_for_status(ann.body["message_id"].as_str().expect("id"), "delivered").await;
+    assert_eq!((row["template"].as_str(), row["template_version"].as_i64()), (Some("welcome"), Some(1)), "{row}");
     app.wait_for_status(bob.body["message_id"].as_str().expect("id"), "delivered").await;
 
     let by_recipient = rendered(&app);
