@@ -117,6 +117,13 @@ async fn ses(app: &TestApp, body: &Value, auth: &str) -> (u16, Value) {
 async fn provider_feedback_in_each_format_is_verified_recorded_once_and_suppresses_where_it_should() {
     let mut config = test_config();
     config.feedback = feedback_config();
+    // One call that never answers: held as ambiguous until feedback says.
+    config.sink.failures = vec![ledger_runtime::SinkFailure {
+        recipient_contains: "fe-lost".into(),
+        kind: ledger_runtime::SinkFailureKind::Timeout,
+        attempts: 0,
+    }];
+    config.dispatcher.provider_timeout_ms = 1_000;
     let app = spawn_app_with(config).await;
     let mut ids = Vec::new();
     for who in ["fa", "fb", "fc", "fd"] {
@@ -189,6 +196,27 @@ async fn provider_feedback_in_each_format_is_verified_recorded_once_and_suppress
     assert_eq!(post_json(&app, "/v1/feedback/carrier-pigeon", &json!({})).await.0, 404);
     assert_eq!(post_raw(&app, "/v1/feedback/mailgun", b"{not json".to_vec(), &[]).await.0, 400);
 
+    // A provider's delivery report settles an ambiguous message.
+    let reply = app
+        .post(
+            "/v1/messages",
+            Some("fe-lost"),
+            &json!({ "to": "fe-lost@example.com", "content": { "subject": "S", "text": "T" } }),
+        )
+        .await;
+    let lost = reply.body["message_id"].as_str().expect("id").to_owned();
+    app.wait_for_status(&lost, "ambiguous").await;
+    let report = mailgun("delivered", None, "mg-9", "fe-lost@example.com", &lost, MAILGUN_KEY);
+    assert_eq!(post_json(&app, "/v1/feedback/mailgun", &report).await.1["recorded"], 1);
+    app.wait_for_status(&lost, "delivered").await;
+    let claim: String =
+        sqlx::query_scalar("-- tests::claim_state\nSELECT state FROM delivery_claims WHERE message_id = $1")
+            .bind(uuid::Uuid::parse_str(&lost).expect("uuid"))
+            .fetch_one(&app.ops)
+            .await
+            .expect("claim");
+    assert_eq!(claim, "done", "no longer listed by `ledger ambiguous`");
+
     // The read model: each kind's first report, the status left delivered.
     let row = |id: &str| {
         let id = id.to_owned();
@@ -231,6 +259,7 @@ async fn provider_feedback_in_each_format_is_verified_recorded_once_and_suppress
         (c.clone(), FeedbackKind::Complained),
         (d.clone(), FeedbackKind::Bounced),
         (a.clone(), FeedbackKind::Opened),
+        (lost.clone(), FeedbackKind::Delivered),
     ];
     let mut got = feedback.clone();
     expected.sort_by_key(|(id, k)| (id.clone(), k.as_str()));

@@ -12,7 +12,8 @@
 //! provider's event id and adds nothing, and even if it got through twice,
 //! its event id is derived from the provider's, so the read model would
 //! fold it once. Hard bounces, complaints and unsubscribes put the
-//! recipient on the tenant's suppression list. Reports about messages this
+//! recipient on the tenant's suppression list; any report but a bounce
+//! settles a message held as ambiguous (it arrived). Reports about messages this
 //! ledger does not know are counted and dropped, not retried forever.
 
 use std::collections::{HashMap, HashSet};
@@ -483,6 +484,23 @@ async fn receive_inner(state: &AppState, source: &str, request: Request) -> Resu
             }
         }
         metrics::counter!("ledger_feedback_total", "source" => source.to_owned(), "kind" => report.kind.as_str(), "outcome" => "recorded").increment(1);
+    }
+    // The recipient's side has seen the message: an attempt held as
+    // ambiguous was delivered after all, and is no longer to reconcile.
+    let arrived: Vec<Uuid> = new
+        .iter()
+        .filter(|(r, _)| r.kind != FeedbackKind::Bounced)
+        .filter_map(|(_, e)| e.message_id.map(|m| m.0))
+        .collect();
+    if !arrived.is_empty() {
+        sqlx::query(
+            "-- ingest::feedback::receive (ambiguous resolved)
+             UPDATE delivery_claims SET state = 'done', updated_at = now()
+             WHERE message_id = ANY($1) AND state = 'ambiguous'",
+        )
+        .bind(&arrived)
+        .execute(&state.ops)
+        .await?;
     }
     sqlx::query(
         "-- ingest::feedback::receive (mark seen)
