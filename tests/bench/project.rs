@@ -4,6 +4,13 @@
 //! number of full message rows into a copy of the same table, in the same
 //! run and database.
 //!
+//! Then the projection lag: the real projector consuming the real topics
+//! while lifecycle events are produced at 70 % (BENCH_LAG_FRACTION) of the
+//! rate the write path just managed; the lag of each *delivered* event is the time from its
+//! produce to the moment the read model counts that many delivered
+//! messages (its maintained counts, sampled every 10 ms), and the table
+//! reports its p50 / p99.
+//!
 //! Prints a table and writes bench-out/project.{json,md}.
 
 use std::time::Instant;
@@ -25,6 +32,10 @@ const MESSAGES: usize = 100_000;
 const BATCH_EVENTS: usize = 5_000;
 
 fn lifecycle_events() -> Vec<Event> {
+    lifecycle_events_of(MESSAGES)
+}
+
+fn lifecycle_events_of(messages: usize) -> Vec<Event> {
     let tenant = TenantId("acme".into());
     let intent = IntentId(Uuid::new_v4());
     let ev = |body, message_id: Option<MessageId>, what: &str, seq: u32| Event {
@@ -38,14 +49,14 @@ fn lifecycle_events() -> Vec<Event> {
     };
     let address = |i: usize| format!("c{i}@example.com");
     let mut events = Vec::new();
-    for b in 0..MESSAGES / 1000 {
+    for b in 0..messages / 1000 {
         let recipients = (b * 1000..(b + 1) * 1000)
             .map(|i| Recipient { address: address(i), variables: Default::default() })
             .collect();
         events.push(ev(
             EventBody::RecipientBatch(RecipientBatch {
                 batch_index: b as u32,
-                batch_count: (MESSAGES / 1000) as u32,
+                batch_count: (messages / 1000) as u32,
                 channel: Channel::Email,
                 priority: Priority::Bulk,
                 from: None,
@@ -60,7 +71,7 @@ fn lifecycle_events() -> Vec<Event> {
         ));
     }
     for stage in 0..3 {
-        for i in 0..MESSAGES {
+        for i in 0..messages {
             let id = MessageId::derive(intent, &address(i));
             let (body, what) = match stage {
                 0 => (
@@ -212,16 +223,145 @@ async fn main() {
          | projection ({total_events} events, batches of {BATCH_EVENTS}, rows + counts + attempts + offsets per transaction) | {row_writes} | {project_secs:.2} | {project_rate:.0} | {:.2} |\n",
         project_rate / copy_rate
     );
+    pool.close().await;
+    drop_databases(&config).await;
+
+    let events_per_s = total_events as f64 / project_secs;
+    let fraction = std::env::var("BENCH_LAG_FRACTION").ok().and_then(|v| v.parse().ok()).unwrap_or(0.7);
+    let (lag_p50, lag_p99, paced_rate) = lag(fraction * events_per_s).await;
+    let md = format!(
+        "{md}\n| projection lag, real projector, events produced at {:.0} % of the write path's rate ({paced_rate:.0} events/s) | value |\n\
+         |---|---:|\n| p50 | {:.0} ms |\n| p99 | {:.0} ms |\n",
+        fraction * 100.0,
+        lag_p50 * 1000.0,
+        lag_p99 * 1000.0
+    );
     println!("\nprojection benchmark (debug = {}):\n\n{md}", cfg!(debug_assertions));
     std::fs::create_dir_all("bench-out").expect("bench-out");
     std::fs::write("bench-out/project.md", &md).expect("write");
     std::fs::write(
         "bench-out/project.json",
         serde_json::to_string_pretty(&json!({ "copy_rows_per_s": copy_rate, "projection_rows_per_s": project_rate,
-            "ratio": project_rate / copy_rate, "events": total_events, "row_writes": row_writes, "measured_at": Utc::now() }))
+            "ratio": project_rate / copy_rate, "events": total_events, "row_writes": row_writes,
+            "lag_p50_s": lag_p50, "lag_p99_s": lag_p99, "lag_events_per_s": paced_rate, "measured_at": Utc::now() }))
         .expect("json"),
     )
     .expect("write");
-    pool.close().await;
+}
+
+/// Messages in the lag phase: 3 events each (rendered, attempted,
+/// delivered), plus one recipient batch per 1,000.
+const LAG_MESSAGES: usize = 60_000;
+
+/// Produces lifecycle events at `rate` events/s to the real topics, with the
+/// real projector running, and returns the p50 and p99 lag of the delivered
+/// events in seconds and the rate achieved.
+async fn lag(rate: f64) -> (f64, f64, f64) {
+    let mut config = test_config();
+    // The production default, not the tests' shorter flush.
+    config.projector = ledger_runtime::config::ProjectorConfig::default();
+    if let Some(ms) = std::env::var("BENCH_FLUSH_MS").ok().and_then(|v| v.parse().ok()) {
+        config.projector.flush_interval_ms = ms;
+    }
+    config.telemetry.log_filter = "warn".into();
+    prepare(&config).await.expect("prepare");
+    let shutdown = ledger_runtime::Shutdown::new();
+    let projector = ledger_projector::build(&config).await.expect("projector");
+    let running = tokio::spawn(projector.run(shutdown.clone()));
+    let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+
+    // Interleave the stages so that deliveries flow all along: batch
+    // headers first, then per message rendered, attempted, delivered.
+    let events = lifecycle_events_of(LAG_MESSAGES);
+    let (headers, rest) = events.split_at(LAG_MESSAGES / 1000);
+    let n = LAG_MESSAGES;
+    let producer = ledger_runtime::kafka::producer(&config).expect("producer");
+    // The batch headers first, and only once the projector has its
+    // partitions and has applied them does the clock start: the lag of a
+    // running projector, not of its start.
+    for h in headers {
+        ledger_runtime::kafka::send_event(&producer, &config, Topic::Intents, &h.intent_id.to_string(), h)
+            .await
+            .expect("header");
+    }
+    let mut accepted = 0i64;
+    while (accepted as usize) < LAG_MESSAGES {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        accepted = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&reporting).await.unwrap_or(0);
+    }
+    let mut paced: Vec<&Event> = Vec::with_capacity(3 * n);
+    for i in 0..n {
+        paced.extend([&rest[i], &rest[n + i], &rest[2 * n + i]]);
+    }
+
+    // The sampler: (time, delivered rows) every 10 ms.
+    let sampling = {
+        let reporting = reporting.clone();
+        tokio::spawn(async move {
+            let mut samples: Vec<(Instant, i64)> = Vec::new();
+            loop {
+                // The maintained counts: a count(*) over the rows every 10 ms
+                // would itself load the database being measured.
+                let count: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(sum(messages), 0)::bigint FROM intent_status_counts WHERE status = 'delivered'",
+                )
+                .fetch_one(&reporting)
+                .await
+                .unwrap_or(0);
+                samples.push((Instant::now(), count));
+                if count as usize >= LAG_MESSAGES {
+                    return samples;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut delivered_sent: Vec<Instant> = Vec::with_capacity(n);
+    let mut acks = Vec::with_capacity(paced.len());
+    for (k, mut e) in paced.into_iter().cloned().enumerate() {
+        let due = started + std::time::Duration::from_secs_f64(k as f64 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        e.occurred_at = Utc::now();
+        let topic = if matches!(e.body, EventBody::MessageRendered(_)) {
+            Topic::Rendered
+        } else if e.message_id.is_some() {
+            Topic::Outcomes
+        } else {
+            Topic::Intents
+        };
+        if matches!(e.body, EventBody::Delivered(_)) {
+            delivered_sent.push(Instant::now());
+        }
+        let (producer, config) = (producer.clone(), config.clone());
+        acks.push(tokio::spawn(async move {
+            let key = e.message_id.map(|m| m.to_string()).unwrap_or_else(|| e.intent_id.to_string());
+            ledger_runtime::kafka::send_event(&producer, &config, topic, &key, &e).await
+        }));
+    }
+    let achieved = acks.len() as f64 / started.elapsed().as_secs_f64();
+    for a in acks {
+        a.await.expect("task").expect("acknowledged");
+    }
+    let samples = sampling.await.expect("sampler");
+    shutdown.trigger();
+    let _ = running.await;
+
+    // The k-th delivered event is in the read model once the count reaches k.
+    let mut lags: Vec<f64> = Vec::with_capacity(n);
+    let mut s = 0;
+    for (k, sent) in delivered_sent.iter().enumerate() {
+        while s < samples.len() && (samples[s].1 as usize) < k + 1 {
+            s += 1;
+        }
+        let seen = samples.get(s).map(|x| x.0).unwrap_or_else(Instant::now);
+        lags.push(seen.saturating_duration_since(*sent).as_secs_f64());
+    }
+    lags.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| lags[((lags.len() as f64 - 1.0) * q).round() as usize];
+    reporting.close().await;
     drop_databases(&config).await;
+    (at(0.5), at(0.99), achieved)
 }

@@ -37,6 +37,9 @@ pub struct Projector {
     name: String,
 }
 
+/// How long a batch waits for the next record before it is applied.
+const IDLE_GAP: Duration = Duration::from_millis(5);
+
 pub async fn build(config: &Config) -> Result<Projector, RuntimeError> {
     Ok(Projector {
         config: config.clone(),
@@ -71,7 +74,11 @@ impl Projector {
                 if left.is_zero() {
                     break;
                 }
-                match tokio::time::timeout(left, self.consumer.recv()).await {
+                // Group commit: what arrived while the last batch was being
+                // applied goes in this one; once the records stop coming for
+                // a moment, it goes. Busy, batches grow to batch_size; quiet,
+                // an event waits for one transaction, not for the interval.
+                match tokio::time::timeout(left.min(IDLE_GAP), self.consumer.recv()).await {
                     Ok(Ok(m)) => batch.push(m.detach()),
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "consume failed");
