@@ -293,7 +293,10 @@ pub struct SinkConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorConfig {
+    /// Most events in one transaction.
     pub batch_size: usize,
+    /// Longest a batch waits to fill; it goes earlier when the records stop
+    /// coming for 5 ms.
     pub flush_interval_ms: u64,
 }
 
