@@ -43,3 +43,24 @@ CREATE TABLE identity_hourly (
 -- acceptance); NULL for inline content.
 ALTER TABLE messages ADD COLUMN template text;
 ALTER TABLE messages ADD COLUMN template_version integer;
+
+-- Per-campaign progress with its first attempt and, once every recipient
+-- has ended, when the last one did (the campaign's send duration).
+CREATE OR REPLACE VIEW campaign_progress AS
+SELECT i.intent_id, i.tenant_id, i.kind, i.name, i.recipient_count, i.accepted_at, c.cancelled_at,
+       COALESCE(SUM(s.messages) FILTER (WHERE s.status IN
+           ('delivered', 'failed', 'render_failed', 'suppressed', 'cancelled', 'dead_lettered')), 0)::bigint AS terminal,
+       COALESCE(SUM(s.messages) FILTER (WHERE s.status = 'delivered'), 0)::bigint AS delivered,
+       COALESCE(SUM(s.messages) FILTER (WHERE s.status IN ('failed', 'render_failed', 'dead_lettered')), 0)::bigint AS failed,
+       COALESCE(SUM(s.messages) FILTER (WHERE s.status = 'suppressed'), 0)::bigint AS suppressed,
+       COALESCE(SUM(s.messages) FILTER (WHERE s.status = 'cancelled'), 0)::bigint AS cancelled,
+       (SELECT min(m.first_attempt_at) FROM messages m WHERE m.intent_id = i.intent_id) AS started_at,
+       CASE WHEN COALESCE(SUM(s.messages) FILTER (WHERE s.status IN
+                ('delivered', 'failed', 'render_failed', 'suppressed', 'cancelled', 'dead_lettered')), 0) >= i.recipient_count
+            THEN (SELECT max(COALESCE(m.delivered_at, m.failed_at, m.suppressed_at, m.updated_at))
+                  FROM messages m WHERE m.intent_id = i.intent_id)
+       END AS finished_at
+FROM intents i
+LEFT JOIN intent_status_counts s ON s.intent_id = i.intent_id
+LEFT JOIN intent_cancellations c ON c.intent_id = i.intent_id
+GROUP BY i.intent_id, c.cancelled_at;

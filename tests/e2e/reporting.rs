@@ -62,6 +62,13 @@ async fn campaign_counts_match_the_rows_and_a_replay_of_the_log_changes_nothing(
             .await
             .expect("progress");
     assert_eq!(progress, (20, 18, 1, 1));
+    let (started, finished): (Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT started_at, finished_at FROM campaign_progress WHERE intent_id = $1")
+            .bind(id)
+            .fetch_one(&app.reporting)
+            .await
+            .expect("times");
+    assert!(started.is_some() && finished >= started, "{started:?} {finished:?}");
     let attempts: i64 =
         sqlx::query_scalar("SELECT count(*) FROM delivery_attempts WHERE intent_id = $1 AND outcome = 'delivered'")
             .bind(id)
