@@ -188,7 +188,7 @@ async fn provider_feedback_in_each_format_is_verified_recorded_once_and_suppress
     assert_eq!(ses(&app, &ses_bounce("sns-3", "fd@example.com", d, "arn:aws:sns:other"), SES_AUTH).await.0, 401);
 
     // A push beacon: the token binds it to its message.
-    let token = ledger_ingest::feedback::beacon_token(BEACON, uuid::Uuid::parse_str(a).expect("uuid"));
+    let token = ledger_schemas::beacon_token(BEACON, uuid::Uuid::parse_str(a).expect("uuid"));
     let beacon = json!({ "message_id": a, "event": "displayed", "token": token });
     assert_eq!(post_json(&app, "/v1/feedback/push", &beacon).await.1["recorded"], 1);
     let wrong = json!({ "message_id": b, "event": "displayed", "token": token });

@@ -27,7 +27,9 @@ use base64::Engine;
 use chrono::{DateTime, TimeZone, Utc};
 use hmac::{Hmac, Mac};
 use ledger_runtime::{kafka, FeedbackConfig};
-use ledger_schemas::{Event, EventBody, EventId, Feedback, FeedbackKind, IntentId, MessageId, TenantId, Topic};
+use ledger_schemas::{
+    beacon_token, Event, EventBody, EventId, Feedback, FeedbackKind, IntentId, MessageId, TenantId, Topic,
+};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use uuid::Uuid;
@@ -103,11 +105,6 @@ fn fresh(config: &FeedbackConfig, at: DateTime<Utc>) -> Result<(), ApiError> {
         return Err(ApiError::Unauthorized);
     }
     Ok(())
-}
-
-/// The token of a push beacon (see [`ledger_schemas::beacon_token`]).
-pub fn beacon_token(secret: &str, message_id: Uuid) -> String {
-    ledger_schemas::beacon_token(secret, message_id)
 }
 
 fn verify_hmac_hex(key: &str, data: &[u8], signature_hex: &str) -> Result<(), ApiError> {
@@ -464,6 +461,8 @@ async fn receive_inner(state: &AppState, source: &str, request: Request) -> Resu
             return Err(ApiError::BrokerUnavailable { detail: e.to_string(), retry_after_secs: 1 });
         }
     }
+    // One statement per tenant and reason, whatever the number of reports.
+    let mut suppress: HashMap<(&TenantId, &'static str), (Reason, Vec<String>)> = HashMap::new();
     for (report, event) in &new {
         let reason = match report.kind {
             FeedbackKind::Bounced if report.permanent => Some(Reason::HardBounce),
@@ -473,16 +472,18 @@ async fn receive_inner(state: &AppState, source: &str, request: Request) -> Resu
         };
         if let (Some(reason), EventBody::Feedback(f)) = (reason, &event.body) {
             if !f.recipient.is_empty() {
-                suppressions::add(
-                    &state.ops,
-                    &event.tenant_id,
-                    std::slice::from_ref(&f.recipient),
-                    reason,
-                    &format!("feedback:{source}"),
-                )
-                .await?;
+                suppress
+                    .entry((&event.tenant_id, reason.as_str()))
+                    .or_insert((reason, Vec::new()))
+                    .1
+                    .push(f.recipient.clone());
             }
         }
+    }
+    for ((tenant, _), (reason, recipients)) in &suppress {
+        suppressions::add(&state.ops, tenant, recipients, *reason, &format!("feedback:{source}")).await?;
+    }
+    for (report, _) in &new {
         metrics::counter!("ledger_feedback_total", "source" => source.to_owned(), "kind" => report.kind.as_str(), "outcome" => "recorded").increment(1);
     }
     // The recipient's side has seen the message: an attempt held as
