@@ -145,36 +145,46 @@ async fn apply_transitions(conn: &mut PgConnection, transitions: &[Transition]) 
     .bind(counts.iter().map(|(_, n)| *n).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
-    let mut hourly: Vec<_> = hourly.into_iter().collect();
-    hourly.sort();
-    sqlx::query(
+    add_hourly(
+        conn,
         "-- projections::store::apply_transitions (tenant_hourly)
          INSERT INTO tenant_hourly (tenant_id, hour, status, messages)
          SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::bigint[])
          ON CONFLICT (tenant_id, hour, status) DO UPDATE SET messages = tenant_hourly.messages + EXCLUDED.messages",
+        hourly,
     )
-    .bind(hourly.iter().map(|((t, _, _), _)| *t).collect::<Vec<_>>())
-    .bind(hourly.iter().map(|((_, h, _), _)| *h).collect::<Vec<_>>())
-    .bind(hourly.iter().map(|((_, _, s), _)| *s).collect::<Vec<_>>())
-    .bind(hourly.iter().map(|(_, n)| *n).collect::<Vec<_>>())
-    .execute(&mut *conn)
     .await?;
-    if !by_identity.is_empty() {
-        let mut rows: Vec<_> = by_identity.into_iter().collect();
-        rows.sort();
-        sqlx::query(
-            "-- projections::store::apply_transitions (identity_hourly)
-             INSERT INTO identity_hourly (identity, hour, status, messages)
-             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::bigint[])
-             ON CONFLICT (identity, hour, status) DO UPDATE SET messages = identity_hourly.messages + EXCLUDED.messages",
-        )
-        .bind(rows.iter().map(|((i, _, _), _)| *i).collect::<Vec<_>>())
+    add_hourly(
+        conn,
+        "-- projections::store::apply_transitions (identity_hourly)
+         INSERT INTO identity_hourly (identity, hour, status, messages)
+         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::bigint[])
+         ON CONFLICT (identity, hour, status) DO UPDATE SET messages = identity_hourly.messages + EXCLUDED.messages",
+        by_identity,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Adds terminal transitions to an hourly roll-up keyed by (tenant or
+/// identity, hour, status): `statement` takes the four columns as arrays.
+async fn add_hourly(
+    conn: &mut PgConnection,
+    statement: &'static str,
+    counts: HashMap<(&str, DateTime<Utc>, &str), i64>,
+) -> Result<(), StoreError> {
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let mut rows: Vec<_> = counts.into_iter().collect();
+    rows.sort();
+    sqlx::query(statement)
+        .bind(rows.iter().map(|((k, _, _), _)| *k).collect::<Vec<_>>())
         .bind(rows.iter().map(|((_, h, _), _)| *h).collect::<Vec<_>>())
         .bind(rows.iter().map(|((_, _, s), _)| *s).collect::<Vec<_>>())
         .bind(rows.iter().map(|(_, n)| *n).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
-    }
     Ok(())
 }
 

@@ -518,19 +518,25 @@ async fn mail_api(
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http_email_api_gets_each_message_as_a_form_and_its_answers_decide_the_outcome() {
+/// A Mailgun-style API on a port of its own, and an http_email identity
+/// named `name` that sends to it.
+async fn mail_api_identity(name: &str) -> (MailApi, IdentityConfig) {
     let api = MailApi::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let router =
         axum::Router::new().route("/v3/mg.example.com/messages", axum::routing::post(mail_api)).with_state(api.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });
-
-    let mut config = test_config();
-    let mut identity = IdentityConfig::new("mailgun", ProviderKind::HttpEmail);
+    let mut identity = IdentityConfig::new(name, ProviderKind::HttpEmail);
     identity.url = Some(format!("http://{addr}/v3/mg.example.com"));
     identity.password = Some("key-123".into());
+    (api, identity)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_email_api_gets_each_message_as_a_form_and_its_answers_decide_the_outcome() {
+    let (api, identity) = mail_api_identity("mailgun").await;
+    let mut config = test_config();
     config.identities = vec![identity];
     let app = spawn_app_with(config).await;
     let ok = send(&app, "api-ok", &email("ann@example.com")).await;
@@ -592,17 +598,8 @@ async fn a_spent_daily_budget_holds_the_rest_back_without_failing_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_email_batch_form_sends_many_recipients_per_call_each_with_its_own_content() {
-    let api = MailApi::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router =
-        axum::Router::new().route("/v3/mg.example.com/messages", axum::routing::post(mail_api)).with_state(api.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-
+    let (api, mut identity) = mail_api_identity("mailgun-batch").await;
     let mut config = test_config();
-    let mut identity = IdentityConfig::new("mailgun-batch", ProviderKind::HttpEmail);
-    identity.url = Some(format!("http://{addr}/v3/mg.example.com"));
-    identity.password = Some("key-123".into());
     identity.batch_size = 100;
     identity.batch_wait_ms = 200;
     identity.concurrency = 300;

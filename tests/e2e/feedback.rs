@@ -113,6 +113,14 @@ async fn ses(app: &TestApp, body: &Value, auth: &str) -> (u16, Value) {
     .await
 }
 
+/// Sends one plain email to `to` under the idempotency key `key`.
+async fn send_to(app: &TestApp, key: &str, to: &str) -> String {
+    let body = json!({ "to": to, "content": { "subject": "S", "text": "T" } });
+    let reply = app.post("/v1/messages", Some(key), &body).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    reply.body["message_id"].as_str().expect("id").to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_feedback_in_each_format_is_verified_recorded_once_and_suppresses_where_it_should() {
     let mut config = test_config();
@@ -127,15 +135,7 @@ async fn provider_feedback_in_each_format_is_verified_recorded_once_and_suppress
     let app = spawn_app_with(config).await;
     let mut ids = Vec::new();
     for who in ["fa", "fb", "fc", "fd"] {
-        let reply = app
-            .post(
-                "/v1/messages",
-                Some(who),
-                &json!({ "to": format!("{who}@example.com"), "content": { "subject": "S", "text": "T" } }),
-            )
-            .await;
-        assert_eq!(reply.status, 202, "{}", reply.body);
-        ids.push(reply.body["message_id"].as_str().expect("id").to_owned());
+        ids.push(send_to(&app, who, &format!("{who}@example.com")).await);
     }
     for id in &ids {
         app.wait_for_status(id, "delivered").await;
@@ -197,14 +197,7 @@ async fn provider_feedback_in_each_format_is_verified_recorded_once_and_suppress
     assert_eq!(post_raw(&app, "/v1/feedback/mailgun", b"{not json".to_vec(), &[]).await.0, 400);
 
     // A provider's delivery report settles an ambiguous message.
-    let reply = app
-        .post(
-            "/v1/messages",
-            Some("fe-lost"),
-            &json!({ "to": "fe-lost@example.com", "content": { "subject": "S", "text": "T" } }),
-        )
-        .await;
-    let lost = reply.body["message_id"].as_str().expect("id").to_owned();
+    let lost = send_to(&app, "fe-lost", "fe-lost@example.com").await;
     app.wait_for_status(&lost, "ambiguous").await;
     let report = mailgun("delivered", None, "mg-9", "fe-lost@example.com", &lost, MAILGUN_KEY);
     assert_eq!(post_json(&app, "/v1/feedback/mailgun", &report).await.1["recorded"], 1);
@@ -281,14 +274,7 @@ async fn provider_feedback_in_each_format_is_verified_recorded_once_and_suppress
         }
     }
     // And the next message to a hard-bounced recipient is not sent.
-    let reply = app
-        .post(
-            "/v1/messages",
-            Some("fb-again"),
-            &json!({ "to": "fb@example.com", "content": { "subject": "S", "text": "T" } }),
-        )
-        .await;
-    let again = reply.body["message_id"].as_str().expect("id").to_owned();
+    let again = send_to(&app, "fb-again", "fb@example.com").await;
     app.wait_for_status(&again, "suppressed").await;
     assert_eq!(app.sink_deliveries(&again), 0);
     app.stop().await;
