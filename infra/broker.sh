@@ -21,13 +21,15 @@ log() { printf 'broker: %s\n' "$*" >&2; }
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 
 # tansu 0.6.0's memory engine (dynostore) answers a fetch from the middle
-# of a record batch with the batches after it: records are skipped, or a
-# consumer resuming from a committed offset inside the last batch gets
-# nothing at all. Consumers resume from such offsets after every restart
-# and rebalance, so the broker is built from crates.io's sources with the
-# one-line fix in infra/tansu/ (see infra/tansu/README.md). The stamp
-# beside the binary names the patch it was built with.
-PATCH=infra/tansu/dynostore-fetch-mid-batch.patch
+# of a record batch with the batches after it (records are skipped, or a
+# consumer resuming inside the last batch gets nothing at all), and lists
+# the latest offset one short of the high watermark when the newest batch
+# held several records. So the broker is built from crates.io's sources
+# with the small fixes in infra/tansu/ (see infra/tansu/README.md). The
+# stamp beside the binary names the patch it was built with.
+PATCH=infra/tansu/dynostore-offsets.patch
+# Kept between builds: a changed patch recompiles two crates, not 400.
+TARGET=.local/tansu-target
 BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
 STAMP="$BIN_DIR/tansu.ledger-patch"
 
@@ -64,12 +66,11 @@ install() {
   # would; only the patched crate's source changes. The plain build has no
   # storage engine: dynostore gives memory://, libsql gives sqlite://.
   cargo build --release --quiet --manifest-path "$build/tansu-$TANSU_VERSION/Cargo.toml" \
-    --target-dir "$build/target" --features dynostore,libsql --bin tansu
+    --target-dir "$TARGET" --features dynostore,libsql --bin tansu
   mkdir -p "$BIN_DIR"
   # (`command`: this function is called install too.)
-  command install -m 0755 "$build/target/release/tansu" "$BIN_DIR/tansu"
+  command install -m 0755 "$TARGET/release/tansu" "$BIN_DIR/tansu"
   patch_id >"$STAMP"
-  rm -rf "$build/target"
   log "tansu built and installed in $((SECONDS - started))s"
 }
 

@@ -73,14 +73,21 @@ impl Status {
     pub fn is_terminal(self) -> bool {
         self.rank() == 50
     }
-
-    /// Whether `self` replaces `current`. Ties between distinct terminal
-    /// states (which the pipeline never produces for one message) break by
-    /// name so that the result does not depend on arrival order.
-    fn supersedes(self, current: Status) -> bool {
-        (self.rank(), self.as_str()) > (current.rank(), current.as_str())
-    }
 }
+
+/// Whether status `new`, reached in attempt `new_attempt`, replaces
+/// `current` of `current_attempt`: a later delivery attempt always does (a
+/// redriven message starts over from its terminal state), then the higher
+/// rank. Ties between distinct terminal states (which the pipeline never
+/// produces for one attempt) break by name so that the result does not
+/// depend on arrival order.
+pub fn supersedes(new: Status, new_attempt: i32, current: Status, current_attempt: i32) -> bool {
+    (new_attempt, new.rank(), new.as_str()) > (current_attempt, current.rank(), current.as_str())
+}
+
+/// The status attempt of what the recipient's side reports: above every
+/// attempt, as the report is about the message whichever attempt sent it.
+pub const FEEDBACK_ATTEMPT: i32 = i32::MAX;
 
 /// What a batch of events says about one message.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +98,8 @@ pub struct MessagePatch {
     pub channel: Option<String>,
     pub recipient: Option<String>,
     pub status: Status,
+    /// The delivery attempt the status belongs to (0: before any attempt).
+    pub status_attempt: i32,
     pub attempts: i32,
     /// Attempt that the error fields belong to.
     pub error_attempt: i32,
@@ -143,6 +152,7 @@ impl MessagePatch {
             channel: None,
             recipient: None,
             status,
+            status_attempt: 0,
             attempts: 0,
             error_attempt: 0,
             last_error_code: None,
@@ -176,8 +186,9 @@ impl MessagePatch {
 
     /// Merges `other` into `self`; the result is the same in either order.
     pub fn merge(&mut self, other: MessagePatch) {
-        if other.status.supersedes(self.status) {
+        if supersedes(other.status, other.status_attempt, self.status, self.status_attempt) {
             self.status = other.status;
+            self.status_attempt = other.status_attempt;
         }
         self.channel = smallest(self.channel.take(), other.channel);
         self.recipient = smallest(self.recipient.take(), other.recipient);
@@ -449,6 +460,7 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             p.channel = Some(a.channel.as_str().to_owned());
             p.recipient = Some(a.recipient.clone());
             p.attempts = a.attempt as i32;
+            p.status_attempt = a.attempt as i32;
             p.first_attempt_at = at;
             p.identity_attempt = if a.identity.is_some() { a.attempt as i32 } else { 0 };
             p.identity = a.identity.clone();
@@ -457,6 +469,7 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
         EventBody::Delivered(d) => {
             let mut p = patch(Status::Delivered);
             p.attempts = d.attempt as i32;
+            p.status_attempt = d.attempt as i32;
             p.provider_message_id = d.provider_message_id.clone();
             p.delivered_at = at;
             p.identity_attempt = if d.identity.is_some() { d.attempt as i32 } else { 0 };
@@ -467,6 +480,7 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             let status = if f.permanent { Status::Failed } else { Status::Sending };
             let mut p = patch(status).with_error(f.attempt, &f.code, &f.reason);
             p.attempts = f.attempt as i32;
+            p.status_attempt = f.attempt as i32;
             if f.permanent {
                 p.failed_at = at;
             }
@@ -477,6 +491,7 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
         EventBody::DeliveryAmbiguous(a) => {
             let mut p = patch(Status::Ambiguous).with_error(a.attempt, "ambiguous", &a.reason);
             p.attempts = a.attempt as i32;
+            p.status_attempt = a.attempt as i32;
             p.identity_attempt = if a.identity.is_some() { a.attempt as i32 } else { 0 };
             p.identity = a.identity.clone();
             p
@@ -491,6 +506,7 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             p.channel = Some(s.channel.as_str().to_owned());
             p.recipient = Some(s.recipient.clone());
             p.suppressed_at = at;
+            p.status_attempt = s.attempt.unwrap_or(0) as i32;
             p
         }
         EventBody::MessageCancelled(c) => {
@@ -498,6 +514,7 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             p.channel = Some(c.channel.as_str().to_owned());
             p.recipient = Some(c.recipient.clone());
             p.failed_at = at;
+            p.status_attempt = c.attempt.unwrap_or(0) as i32;
             p
         }
         EventBody::DeadLettered(d) => {
@@ -512,6 +529,9 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             // leaves the status alone and is kept as its own stage.
             let status = if f.kind == K::Bounced { Status::Accepted } else { Status::Delivered };
             let mut p = patch(status);
+            if f.kind != K::Bounced {
+                p.status_attempt = FEEDBACK_ATTEMPT;
+            }
             let reported = Some(f.reported_at);
             match f.kind {
                 K::Delivered => p.delivered_at = reported,
@@ -652,7 +672,83 @@ mod tests {
         assert_eq!(fold(&events).status, Status::Delivered);
     }
 
+    /// A permanent failure at attempt 1, redriven: attempt 2 delivers.
+    fn redriven() -> Vec<Event> {
+        let mut events = lifecycle();
+        events.truncate(3);
+        events.push(ev(
+            3,
+            EventBody::DeliveryFailed(DeliveryFailed {
+                attempt: 1,
+                provider: "sink".into(),
+                code: "rejected".into(),
+                reason: "mailbox full".into(),
+                permanent: true,
+                identity: Some("mail-a".into()),
+                retry_at: None,
+            }),
+        ));
+        let mut rest = lifecycle().split_off(4);
+        events.append(&mut rest);
+        events
+    }
+
+    #[test]
+    fn a_redriven_message_starts_over_from_its_failure() {
+        let events = redriven();
+        assert_eq!(fold(&events[..4]).status, Status::Failed);
+        assert_eq!(fold(&events[..5]).status, Status::Sending, "the redrive's attempt reopens it");
+        let row = fold(&events);
+        assert_eq!((row.status, row.status_attempt, row.attempts), (Status::Delivered, 2, 2));
+        assert!(row.failed_at.is_some(), "the first attempt's failure stays on record");
+    }
+
+    #[test]
+    fn provider_feedback_settles_an_ambiguous_message_but_a_bounce_changes_no_status() {
+        let mut events = lifecycle();
+        events.truncate(3);
+        events.push(ev(
+            3,
+            EventBody::DeliveryAmbiguous(DeliveryAmbiguous {
+                attempt: 1,
+                provider: "sink".into(),
+                reason: "timeout".into(),
+                identity: None,
+            }),
+        ));
+        let report = |n, kind| {
+            ev(
+                n,
+                EventBody::Feedback(Feedback {
+                    kind,
+                    source: "mailgun".into(),
+                    provider_event_id: format!("e{n}"),
+                    recipient: "a@x.io".into(),
+                    permanent: true,
+                    reported_at: Utc.timestamp_opt(1_800_000_100 + n, 0).unwrap(),
+                    reason: None,
+                    url: None,
+                }),
+            )
+        };
+        let mut bounced = events.clone();
+        bounced.push(report(4, FeedbackKind::Bounced));
+        assert_eq!(fold(&bounced).status, Status::Ambiguous);
+        events.push(report(5, FeedbackKind::Opened));
+        assert_eq!(fold(&events).status, Status::Delivered);
+    }
+
     proptest! {
+        #[test]
+        fn a_redrive_gives_the_same_row_in_any_order(
+            order in Just((0..6usize).collect::<Vec<_>>()).prop_shuffle(),
+        ) {
+            let events = redriven();
+            let expected = fold(&events);
+            let shuffled: Vec<Event> = order.iter().map(|&i| events[i].clone()).collect();
+            prop_assert_eq!(fold(&shuffled), expected);
+        }
+
         #[test]
         fn any_order_and_any_duplicates_give_the_same_row(
             order in Just((0..6usize).collect::<Vec<_>>()).prop_shuffle(),

@@ -225,24 +225,23 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
                     $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[],
                     $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $20::text[], $21::int[],
                     $22::timestamptz[], $23::timestamptz[], $24::timestamptz[], $25::timestamptz[], $26::timestamptz[],
-                    $27::text[], $28::int[])
+                    $27::text[], $28::int[], $29::int[])
                 AS u(message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
                      attempts, error_attempt, last_error_code, last_error, provider_message_id,
                      accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at,
                      identity, identity_attempt, opened_at, clicked_at, bounced_at, complained_at, unsubscribed_at,
-                     template, template_version)
+                     template, template_version, status_attempt)
             )
             INSERT INTO messages (message_id, tenant_id, intent_id, channel, recipient, status, status_rank,
                 attempts, error_attempt, last_error_code, last_error, provider_message_id,
                 accepted_at, rendered_at, first_attempt_at, delivered_at, failed_at, suppressed_at, updated_at,
                 identity, identity_attempt, opened_at, clicked_at, bounced_at, complained_at, unsubscribed_at,
-                template, template_version)
+                template, template_version, status_attempt)
             SELECT * FROM input
             ON CONFLICT (message_id) DO UPDATE SET
-                status = CASE WHEN (EXCLUDED.status_rank, EXCLUDED.status COLLATE "C")
-                                 > (messages.status_rank, messages.status COLLATE "C")
-                              THEN EXCLUDED.status ELSE messages.status END,
-                status_rank = GREATEST(messages.status_rank, EXCLUDED.status_rank),
+                status = CASE WHEN s.wins THEN EXCLUDED.status ELSE messages.status END,
+                status_rank = CASE WHEN s.wins THEN EXCLUDED.status_rank ELSE messages.status_rank END,
+                status_attempt = CASE WHEN s.wins THEN EXCLUDED.status_attempt ELSE messages.status_attempt END,
                 channel = LEAST(messages.channel COLLATE "C", EXCLUDED.channel COLLATE "C"),
                 recipient = LEAST(messages.recipient COLLATE "C", EXCLUDED.recipient COLLATE "C"),
                 attempts = GREATEST(messages.attempts, EXCLUDED.attempts),
@@ -269,6 +268,11 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
             RETURNING message_id, intent_id, tenant_id, status,
                       COALESCE(delivered_at, failed_at, suppressed_at, updated_at) AS at, identity
             "#
+            .replace(
+                "s.wins",
+                r#"((EXCLUDED.status_attempt, EXCLUDED.status_rank, EXCLUDED.status COLLATE "C")
+                  > (messages.status_attempt, messages.status_rank, messages.status COLLATE "C"))"#,
+            )
             .replace(
                 "e.wins",
                 r#"((EXCLUDED.error_attempt, EXCLUDED.last_error_code IS NOT NULL,
@@ -316,6 +320,7 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         .bind(col!(|r| r.unsubscribed_at))
         .bind(col!(|r| r.template.clone()))
         .bind(col!(|r| r.template_version))
+        .bind(col!(|r| r.status_attempt))
         .fetch_all(&mut *conn)
         .await?;
         applied.messages = rows.len() as u64;

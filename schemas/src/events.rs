@@ -498,6 +498,10 @@ pub struct Suppressed {
     pub channel: Channel,
     pub recipient: String,
     pub reason: SuppressionReason,
+    /// The delivery attempt this outcome ends; none when it was decided
+    /// before any claim (the sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// A published template version, pinned by intents that reference it.
@@ -542,6 +546,10 @@ pub struct IntentCancelled {
 pub struct MessageCancelled {
     pub channel: Channel,
     pub recipient: String,
+    /// The delivery attempt this outcome ends; none when it was decided
+    /// before any claim (by the renderer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// A record a consumer could not process, with the reason; the pipeline

@@ -105,7 +105,11 @@ fn samples() -> Vec<Event> {
             json: None,
         })),
         sample(EventBody::IntentCancelled(IntentCancelled { reason: Some("mistake".into()) })),
-        sample(EventBody::MessageCancelled(MessageCancelled { channel: Channel::Email, recipient: "x@y.z".into() })),
+        sample(EventBody::MessageCancelled(MessageCancelled {
+            channel: Channel::Email,
+            recipient: "x@y.z".into(),
+            attempt: Some(2),
+        })),
         sample(EventBody::RenderFailed(RenderFailed {
             channel: Channel::Email,
             recipient: "x@y.z".into(),
@@ -144,6 +148,7 @@ fn samples() -> Vec<Event> {
             channel: Channel::Email,
             recipient: "x@y.z".into(),
             reason: SuppressionReason::Sandbox,
+            attempt: None,
         })),
         sample(EventBody::DeadLettered(DeadLettered {
             source_topic: "t".into(),

@@ -63,3 +63,38 @@ async fn a_fetch_from_the_middle_of_a_record_batch_gets_every_record_from_there(
     assert_eq!(read_from(&config, &topic, 7, 2), vec![7, 8], "inside the last batch");
     drop_databases(&config).await;
 }
+
+#[tokio::test]
+async fn the_end_of_a_partition_is_its_high_watermark_after_a_batch_of_several_records() {
+    let mut config = test_config();
+    config.kafka.linger_ms = 50;
+    prepare(&config).await.expect("prepare");
+    let topic = config.topic(Topic::Rendered);
+    produce_batch(&config, &topic, 0..6).await;
+    produce_batch(&config, &topic, 6..9).await;
+    // What a reader that stops at the end asks for (the replay tooling).
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &config.kafka.brokers).create().expect("consumer");
+    let (low, high) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10)).expect("watermarks");
+    assert_eq!((low, high), (0, 9));
+    drop_databases(&config).await;
+}
+
+#[tokio::test]
+async fn the_producers_put_a_key_on_the_partition_the_tooling_computes_for_it() {
+    let config = test_config();
+    prepare(&config).await.expect("prepare");
+    let producer = kafka::producer(&config).expect("producer");
+    let topic = config.topic(Topic::Rendered);
+    for i in 0..64 {
+        let key = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("k{i}").as_bytes()).to_string();
+        let (partition, _) = producer
+            .send(FutureRecord::to(&topic).key(&key).payload("x"), Duration::from_secs(10))
+            .await
+            .map(|d| (d.partition, d.offset))
+            .map_err(|(e, _)| e)
+            .expect("acknowledged");
+        assert_eq!(partition, kafka::partition_for(key.as_bytes(), Topic::Rendered.partitions()), "key {key}");
+    }
+    drop_databases(&config).await;
+}

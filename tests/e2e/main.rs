@@ -8,4 +8,5 @@ mod foundation;
 mod ingest;
 mod projection;
 mod rendering;
+mod replay;
 mod reporting;

@@ -357,6 +357,29 @@ pub fn ledger_process(config: &Config, args: &[&str]) -> std::process::Child {
     ledger_command(&file).args(args).spawn().expect("start ledger")
 }
 
+/// Runs `ledger` with `args`, configured by `config`, to the end; its
+/// standard input is no terminal.
+pub fn ledger_output(config: &Config, args: &[&str]) -> std::process::Output {
+    let dir = config.sink.dir.parent().expect("test directory").to_path_buf();
+    std::fs::create_dir_all(&dir).expect("test directory");
+    let file = dir.join("ledger.toml");
+    std::fs::write(&file, toml::to_string(config).expect("config as TOML")).expect("config file");
+    ledger_command(&file).args(args).output().expect("run ledger")
+}
+
+/// Like [`ledger_output`], and asserts that it succeeded; returns its
+/// standard output.
+pub fn ledger_ok(config: &Config, args: &[&str]) -> String {
+    let out = ledger_output(config, args);
+    assert!(
+        out.status.success(),
+        "ledger {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The `ledger` binary configured by the TOML file `config` alone: the
 /// `LEDGER_*` variables of the test's own environment (`make test` exports
 /// local defaults) would override it.

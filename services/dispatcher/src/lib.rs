@@ -435,14 +435,7 @@ impl Inner {
     /// Puts the rendered message on the retries topic for `attempt`, due
     /// at `due`.
     async fn schedule_retry(&self, rendered: &Event, attempt: u32, due: DateTime<Utc>) -> Result<(), DispatchError> {
-        let attempt = attempt.to_string();
-        let due = due.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let headers = kafka::headers_for(rendered)
-            .insert(Header { key: HEADER_ATTEMPT, value: Some(attempt.as_str()) })
-            .insert(Header { key: HEADER_NOT_BEFORE, value: Some(due.as_str()) });
-        let key = rendered.message_id.map(|m| m.to_string()).unwrap_or_default();
-        let encoded = kafka::Encoded { payload: rendered.to_json(), headers };
-        kafka::send_encoded(&self.producer, &self.config, Topic::Retries, &key, encoded).await?;
+        send_retry_record(&self.producer, &self.config, rendered, attempt, due).await?;
         Ok(())
     }
 
@@ -507,6 +500,7 @@ impl Inner {
                 channel: message.channel,
                 recipient: message.recipient.clone(),
                 reason: SuppressionReason::Sandbox,
+                attempt: None,
             });
             self.publish(&self.outcome(event, id, "suppressed", 0, body)).await?;
             count(tenant, "", "suppressed_sandbox");
@@ -565,6 +559,7 @@ impl Inner {
                 let body = EventBody::MessageCancelled(MessageCancelled {
                     channel: message.channel,
                     recipient: message.recipient.clone(),
+                    attempt: Some(attempt),
                 });
                 self.record_final(event, id, self.outcome(event, id, "cancelled", 0, body), "cancelled").await?;
                 continue;
@@ -574,6 +569,7 @@ impl Inner {
                     channel: message.channel,
                     recipient: message.recipient.clone(),
                     reason: SuppressionReason::SuppressionList,
+                    attempt: Some(attempt),
                 });
                 self.record_final(event, id, self.outcome(event, id, "suppressed", 0, body), "suppressed_list").await?;
                 continue;
@@ -892,6 +888,26 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Puts the rendered message `rendered` on the retries topic for `attempt`,
+/// due at `due`. Only the claim in *retrying* at that attempt lets it call
+/// the provider, so a second record of the same attempt sends nothing.
+pub async fn send_retry_record(
+    producer: &FutureProducer,
+    config: &Config,
+    rendered: &Event,
+    attempt: u32,
+    due: DateTime<Utc>,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let attempt = attempt.to_string();
+    let due = due.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let headers = kafka::headers_for(rendered)
+        .insert(Header { key: HEADER_ATTEMPT, value: Some(attempt.as_str()) })
+        .insert(Header { key: HEADER_NOT_BEFORE, value: Some(due.as_str()) });
+    let key = rendered.message_id.map(|m| m.to_string()).unwrap_or_default();
+    let encoded = kafka::Encoded { payload: rendered.to_json(), headers };
+    kafka::send_encoded(producer, config, Topic::Retries, &key, encoded).await
 }
 
 fn count(tenant: &str, identity: &str, outcome: &'static str) {

@@ -1,7 +1,14 @@
 //! `ledger`: runs any role of the delivery ledger, or all of them in one
 //! process, and does the administration around them.
 
+mod confirm;
 mod demo;
+mod dlq;
+mod inspect;
+mod lag;
+mod log;
+mod redrive;
+mod replay;
 
 /// glibc's allocator spends a quarter of the renderer's time in arena
 /// locks and consolidation (perf); mimalloc does not.
@@ -54,6 +61,44 @@ enum Command {
     },
     /// Messages by status, from the reporting read model.
     Summary,
+    /// Rebuild the read model from the log.
+    Replay {
+        #[command(subcommand)]
+        command: ReplayCommand,
+    },
+    /// Send failed, dead-lettered or ambiguous messages again, as new
+    /// attempts through the dispatcher (governor, suppression and sandbox
+    /// apply). Running it twice never sends a message twice.
+    Redrive {
+        #[arg(long, value_enum)]
+        status: redrive::RedriveStatus,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only the messages of this intent (campaign) id.
+        #[arg(long)]
+        campaign: Option<uuid::Uuid>,
+        /// Only messages whose last change was at or after this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// List what would be sent and to whom; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        yes: bool,
+    },
+    /// A message's or an intent's full history from the log, next to the
+    /// read model's row.
+    Inspect {
+        #[command(subcommand)]
+        command: InspectCommand,
+    },
+    /// Dead letters: list, show, reprocess.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Consumer lag by role and partition, and the projection's lag.
+    Lag,
     /// Messages whose delivery is ambiguous (the provider was called, the
     /// outcome is unknown), held for reconciliation; from the operational
     /// store, which decides them.
@@ -64,6 +109,79 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: i64,
     },
+}
+
+#[derive(Subcommand)]
+enum InspectCommand {
+    Message { id: uuid::Uuid },
+    Intent { id: uuid::Uuid },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Every dead letter on the log, oldest first.
+    List {
+        #[arg(long)]
+        code: Option<String>,
+    },
+    /// One dead letter with its payload.
+    Show { id: uuid::Uuid },
+    /// Send dead letters back to their topic to be processed again.
+    Reprocess {
+        ids: Vec<uuid::Uuid>,
+        /// Every dead letter (with --code: every one with that code).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        code: Option<String>,
+        /// Also those reprocessed before.
+        #[arg(long)]
+        again: bool,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplayCommand {
+    /// Rebuild the whole read model from the log into a schema of its own
+    /// (the live one keeps serving), check it against the log, and with
+    /// --swap switch every reader to it.
+    Projections {
+        /// Only events that happened at or before this time (RFC 3339), by
+        /// their own timestamps: the read model as it was then.
+        #[arg(long, value_parser = parse_time)]
+        as_of: Option<chrono::DateTime<chrono::Utc>>,
+        /// The schema to build into (default rebuild_<time>); it must not exist.
+        #[arg(long)]
+        schema: Option<String>,
+        /// Switch readers to the rebuild atomically; the previous read
+        /// model is kept as replaced_<time> until dropped.
+        #[arg(long)]
+        swap: bool,
+        /// Records per transaction.
+        #[arg(long, default_value_t = 20_000)]
+        batch: usize,
+        /// Do it without asking.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// The read-model schemas: the live one and those kept by rebuilds.
+    List,
+    /// Drop a read-model schema kept by a rebuild or a swap.
+    Drop {
+        schema: String,
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time such as 2026-12-01T09:30:00Z: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -160,13 +278,12 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             if config.mode == ledger_runtime::Mode::Production {
                 anyhow::bail!("ledger db reset is refused in production mode");
             }
-            if !yes {
-                anyhow::bail!("ledger db reset deletes every intent, claim and read-model row; add --yes to do it");
-            }
+            confirm::confirm(&config, yes, "ledger db reset deletes every intent, claim and read-model row")?;
             let ops = ledger_runtime::db::pool(&config.ops_database_url, 1).await?;
             sqlx::query(
                 "-- ledger::db_reset (operational)
-                 TRUNCATE idempotency_keys, intents, cancelled_intents, delivery_claims, scheduled_batches",
+                 TRUNCATE idempotency_keys, intents, cancelled_intents, delivery_claims, scheduled_batches,
+                          dead_letters_reprocessed",
             )
             .execute(&ops)
             .await?;
@@ -174,7 +291,7 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             sqlx::query(
                 "-- ledger::db_reset (read model)
                  TRUNCATE messages, intents, intent_cancellations, dead_letters, projector_offsets,
-                          delivery_attempts, intent_status_counts, tenant_hourly",
+                          delivery_attempts, intent_status_counts, tenant_hourly, identity_hourly",
             )
             .execute(&reporting)
             .await?;
@@ -240,6 +357,26 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Replay { command } => match command {
+            ReplayCommand::Projections { as_of, schema, swap, batch, yes } => {
+                replay::projections(&config, replay::Options { as_of, schema, swap, yes, batch }).await
+            }
+            ReplayCommand::List => replay::list(&config).await,
+            ReplayCommand::Drop { schema, yes } => replay::drop(&config, &schema, yes).await,
+        },
+        Command::Redrive { status, tenant, campaign, since, dry_run, yes } => {
+            redrive::redrive(&config, redrive::Options { status, tenant, campaign, since, dry_run, yes }).await
+        }
+        Command::Inspect { command: InspectCommand::Message { id } } => inspect::message(&config, id).await,
+        Command::Inspect { command: InspectCommand::Intent { id } } => inspect::intent(&config, id).await,
+        Command::Dlq { command } => match command {
+            DlqCommand::List { code } => dlq::list(&config, code.as_deref()).await,
+            DlqCommand::Show { id } => dlq::show(&config, id).await,
+            DlqCommand::Reprocess { ids, all, code, again, dry_run, yes } => {
+                dlq::reprocess(&config, dlq::Selection { ids, all, code, again, dry_run, yes }).await
+            }
+        },
+        Command::Lag => lag::lag(&config).await,
         Command::Summary => {
             let pool = ledger_runtime::db::pool(&config.reporting_database_url, 1).await?;
             print!("{}", demo::summary(&pool).await?);

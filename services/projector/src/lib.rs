@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use ledger_projections::store::{self, PartitionOffset};
 use ledger_projections::Fold;
 use ledger_runtime::{kafka, Config, RuntimeError, Shutdown};
-use ledger_schemas::{ConsumerGroup, Event, Topic};
+use ledger_schemas::{ConsumerGroup, DecodeError, Event, Topic};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
@@ -113,64 +113,105 @@ impl Projector {
 
     async fn apply(&self, batch: &[OwnedMessage]) -> Result<(), ApplyError> {
         let started = Instant::now();
-        let mut partitions: Vec<(String, i32)> = batch.iter().map(|m| (m.topic().to_owned(), m.partition())).collect();
-        partitions.sort();
-        partitions.dedup();
         let mut tx = self.reporting.begin().await?;
-        let applied_up_to = store::lock_offsets(&mut tx, &self.name, &partitions).await?;
-        let mut fold = Fold::default();
-        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let mut fresh = 0u64;
-        let mut newest: Option<chrono::DateTime<chrono::Utc>> = None;
-        for m in batch {
-            let key = (m.topic().to_owned(), m.partition());
-            if m.offset() < applied_up_to.get(&key).copied().unwrap_or(0) {
-                continue; // applied by an earlier transaction
-            }
-            let n = next.entry(key).or_insert(0);
-            *n = (*n).max(m.offset() + 1);
-            fresh += 1;
-            match Event::from_json(m.payload().unwrap_or_default()) {
-                Ok(event) => {
-                    newest = newest.max(Some(event.occurred_at));
-                    fold.add(&event);
-                }
-                Err(e) => {
-                    let topic = Topic::from_name(&self.config.kafka.topic_prefix, m.topic());
-                    if topic == Some(Topic::Outcomes) {
-                        kafka::dead_letter(
-                            &self.producer,
-                            &self.config,
-                            ConsumerGroup::Projector,
-                            m,
-                            None,
-                            e.code(),
-                            &e.to_string(),
-                        )
-                        .await?;
-                    } else {
-                        metrics::counter!("ledger_projection_skipped_total", "topic" => m.topic().to_owned(), "code" => e.code()).increment(1);
-                    }
-                }
+        let applied = apply_records(&mut tx, &self.name, batch, &|_| true, &mut |_| {}).await?;
+        for (i, e) in &applied.undecodable {
+            let m = &batch[*i];
+            let topic = Topic::from_name(&self.config.kafka.topic_prefix, m.topic());
+            if topic == Some(Topic::Outcomes) {
+                kafka::dead_letter(
+                    &self.producer,
+                    &self.config,
+                    ConsumerGroup::Projector,
+                    m,
+                    None,
+                    e.code(),
+                    &e.to_string(),
+                )
+                .await?;
+            } else {
+                metrics::counter!("ledger_projection_skipped_total", "topic" => m.topic().to_owned(), "code" => e.code())
+                    .increment(1);
             }
         }
-        let applied = store::apply(&mut tx, &fold).await?;
-        let offsets: Vec<PartitionOffset> = next
-            .into_iter()
-            .map(|((topic, partition), next_offset)| PartitionOffset { topic, partition, next_offset })
-            .collect();
-        store::save_offsets(&mut tx, &self.name, &offsets).await?;
         tx.commit().await?;
-        metrics::counter!("ledger_projection_events_total").increment(fresh);
-        metrics::histogram!("ledger_projection_batch_size").record(fresh as f64);
+        metrics::counter!("ledger_projection_events_total").increment(applied.fresh);
+        metrics::histogram!("ledger_projection_batch_size").record(applied.fresh as f64);
         metrics::histogram!("ledger_projection_batch_seconds").record(started.elapsed().as_secs_f64());
-        if let Some(t) = newest {
+        if let Some(t) = applied.newest {
             let lag = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
             metrics::gauge!("ledger_projection_lag_seconds").set(lag);
         }
-        tracing::debug!(records = batch.len(), fresh, messages = applied.messages, "projection batch applied");
+        tracing::debug!(
+            records = batch.len(),
+            fresh = applied.fresh,
+            messages = applied.rows.messages,
+            "projection batch applied"
+        );
         Ok(())
     }
+}
+
+/// What [`apply_records`] did with a batch.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Records at or past the stored offsets (the others were applied by an
+    /// earlier transaction).
+    pub fresh: u64,
+    /// Fresh events that `keep` passed and were folded in.
+    pub folded: u64,
+    /// Fresh records that are no event: their index in the batch, and why.
+    pub undecodable: Vec<(usize, DecodeError)>,
+    /// The latest time among the folded events.
+    pub newest: Option<chrono::DateTime<chrono::Utc>>,
+    pub rows: store::AppliedBatch,
+}
+
+/// Folds `records` into the read model in `tx` and advances the offsets of
+/// `consumer` past them, both in the one transaction (invariant 6). Records
+/// below the stored offsets are skipped; so are fresh events that `keep`
+/// refuses (an as-of replay), whose offsets still advance. `seen` is shown
+/// every folded event. The caller commits.
+pub async fn apply_records(
+    tx: &mut sqlx::PgConnection,
+    consumer: &str,
+    records: &[OwnedMessage],
+    keep: &(dyn Fn(&Event) -> bool + Sync),
+    seen: &mut (dyn FnMut(&Event) + Send),
+) -> Result<Applied, ledger_projections::StoreError> {
+    let mut partitions: Vec<(String, i32)> = records.iter().map(|m| (m.topic().to_owned(), m.partition())).collect();
+    partitions.sort();
+    partitions.dedup();
+    let applied_up_to = store::lock_offsets(tx, consumer, &partitions).await?;
+    let mut fold = Fold::default();
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut applied = Applied::default();
+    for (i, m) in records.iter().enumerate() {
+        let key = (m.topic().to_owned(), m.partition());
+        if m.offset() < applied_up_to.get(&key).copied().unwrap_or(0) {
+            continue; // applied by an earlier transaction
+        }
+        let n = next.entry(key).or_insert(0);
+        *n = (*n).max(m.offset() + 1);
+        applied.fresh += 1;
+        match Event::from_json(m.payload().unwrap_or_default()) {
+            Ok(event) if keep(&event) => {
+                applied.newest = applied.newest.max(Some(event.occurred_at));
+                applied.folded += 1;
+                seen(&event);
+                fold.add(&event);
+            }
+            Ok(_) => {}
+            Err(e) => applied.undecodable.push((i, e)),
+        }
+    }
+    applied.rows = store::apply(tx, &fold).await?;
+    let offsets: Vec<PartitionOffset> = next
+        .into_iter()
+        .map(|((topic, partition), next_offset)| PartitionOffset { topic, partition, next_offset })
+        .collect();
+    store::save_offsets(tx, consumer, &offsets).await?;
+    Ok(applied)
 }
 
 #[derive(Debug, thiserror::Error)]

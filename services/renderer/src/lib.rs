@@ -306,6 +306,7 @@ impl Renderer {
                     EventBody::MessageCancelled(MessageCancelled {
                         channel: batch.channel,
                         recipient: ledger_schemas::ids::normalise_recipient(&r.address),
+                        attempt: None,
                     }),
                 )
             })

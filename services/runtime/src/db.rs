@@ -18,6 +18,19 @@ pub async fn pool(url: &str, max_connections: u32) -> Result<PgPool, RuntimeErro
         .await?)
 }
 
+/// A pool whose connections resolve unqualified names in `schema` first
+/// (a read model rebuilt beside the live one).
+pub async fn pool_in_schema(url: &str, schema: &str, max_connections: u32) -> Result<PgPool, RuntimeError> {
+    let options = PgConnectOptions::from_str(url)?
+        .options([("search_path", schema)])
+        .log_statements(tracing::log::LevelFilter::Trace);
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?)
+}
+
 /// Creates the database `url` names when it does not exist, connecting to
 /// the server's `postgres` database to do so.
 pub async fn ensure_database(url: &str) -> Result<bool, RuntimeError> {

@@ -41,7 +41,47 @@ pub fn producer(config: &Config) -> Result<FutureProducer, RuntimeError> {
         .set("compression.type", &config.kafka.compression)
         .set("message.timeout.ms", config.kafka.produce_timeout_ms.to_string())
         .set("queue.buffering.max.messages", "500000")
+        // Java's partitioner (murmur2 of the key), named rather than left to
+        // librdkafka's default (crc32): other Kafka clients writing the same
+        // keys agree, and the tooling finds a key's partition
+        // (`partition_for`) without scanning every partition.
+        .set("partitioner", "murmur2_random")
         .create()?)
+}
+
+/// The partition of `key` among `partitions`, as the producers choose it
+/// (Kafka's murmur2 partitioner: the hash's positive 31 bits modulo the
+/// count).
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) % partitions.max(1) as u32) as i32
+}
+
+/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`).
+pub fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
 }
 
 /// Reports each assigned partition's lag (librdkafka's own statistics,
@@ -314,4 +354,34 @@ pub async fn dead_letter<M: Message>(
     metrics::counter!("ledger_dead_letters_total", "consumer" => group.base_name(), "code" => code.to_owned())
         .increment(1);
     send_event(producer, config, Topic::DeadLetter, key.as_deref().unwrap_or(""), &event).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafkas_own_test_vectors() {
+        // org.apache.kafka.common.utils.UtilsTest#testMurmur2
+        let cases: [(&str, i32); 6] = [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            ("abc", 479_470_107),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(murmur2(key.as_bytes()) as i32, expected, "murmur2({key:?})");
+        }
+    }
+
+    #[test]
+    fn a_key_always_maps_to_one_partition_within_range() {
+        for n in [1, 2, 4, 8] {
+            let p = partition_for(b"5f0c6f5e-4b1e-4f5e-9a3e-2f7a1b7c9d10", n);
+            assert!((0..n).contains(&p));
+            assert_eq!(p, partition_for(b"5f0c6f5e-4b1e-4f5e-9a3e-2f7a1b7c9d10", n));
+        }
+    }
 }

@@ -1,0 +1,428 @@
+//! `ledger replay`: rebuilds the read model from the log into a schema of
+//! its own beside the live one (which keeps serving reports), checks it
+//! against the log, and can switch readers to it.
+//!
+//! The live read model is the reporting database's `public` schema. A
+//! rebuild is migrated into its own schema and folded with the projector's
+//! own code ([`ledger_projector::apply_records`]), under the projector's
+//! offset rows, so that after a swap the running projector carries on from
+//! where the rebuild stopped. The swap holds the live projector (a lock on
+//! its offsets), folds into the rebuild whatever the live projector applied
+//! meanwhile, and renames both schemas in one transaction: a report that is
+//! running keeps reading the tables it started on; the next one, and the
+//! projector's next batch, resolve `public` to the rebuild.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use ledger_projections::fold::{self, supersedes};
+use ledger_projections::Status;
+use ledger_runtime::Config;
+use ledger_schemas::{ConsumerGroup, Event, EventBody, EventId, IntentId, MessageId};
+use sqlx::PgPool;
+
+use crate::confirm::confirm;
+use crate::log::{self, Span};
+
+/// The schema readers and the projector use.
+pub const LIVE: &str = "public";
+
+pub struct Options {
+    pub as_of: Option<DateTime<Utc>>,
+    pub schema: Option<String>,
+    pub swap: bool,
+    pub yes: bool,
+    /// Records per transaction.
+    pub batch: usize,
+}
+
+/// A schema name the tooling accepts: lower-case letters, digits and `_`.
+pub fn check_schema_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && !name.starts_with("pg_")
+        && name != LIVE;
+    anyhow::ensure!(
+        ok,
+        "schema name {name:?}: use lower-case letters, digits and _ (not starting with a digit or pg_), \
+         at most 63 characters, and not {LIVE:?} (the live read model)"
+    );
+    Ok(())
+}
+
+async fn schema_exists(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "-- ledger::replay::schema_exists
+         SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// What the log says the read model must hold, tallied from the events the
+/// rebuild folded, independently of the database.
+#[derive(Default)]
+struct Tally {
+    messages: HashMap<MessageId, (Status, i32)>,
+    intents: HashSet<IntentId>,
+    dead_letters: HashSet<EventId>,
+    records: u64,
+    folded: u64,
+    undecodable: u64,
+    after_as_of: u64,
+}
+
+impl Tally {
+    fn see(&mut self, event: &Event) {
+        for p in fold::patches(event) {
+            self.messages
+                .entry(p.message_id)
+                .and_modify(|(s, a)| {
+                    if supersedes(p.status, p.status_attempt, *s, *a) {
+                        (*s, *a) = (p.status, p.status_attempt);
+                    }
+                })
+                .or_insert((p.status, p.status_attempt));
+        }
+        match &event.body {
+            EventBody::IntentAccepted(_) => {
+                self.intents.insert(event.intent_id);
+            }
+            EventBody::DeadLettered(_) => {
+                self.dead_letters.insert(event.event_id);
+            }
+            _ => {}
+        }
+    }
+
+    fn statuses(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for (s, _) in self.messages.values() {
+            *out.entry(s.as_str().to_owned()).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+pub async fn projections(config: &Config, o: Options) -> anyhow::Result<()> {
+    if o.swap && o.as_of.is_some() {
+        anyhow::bail!(
+            "--swap with --as-of: a read model as of a past time leaves out what came after it, and the \
+             projector would never add it; rebuild without --as-of to swap"
+        );
+    }
+    let schema = o.schema.clone().unwrap_or_else(|| format!("rebuild_{}", Utc::now().format("%Y%m%d_%H%M%S")));
+    check_schema_name(&schema)?;
+    if o.swap {
+        confirm(config, o.yes, &format!("rebuild the read model into schema {schema} and switch every reader to it"))?;
+    }
+    let admin = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.context("the reporting database")?;
+    if schema_exists(&admin, &schema).await? {
+        anyhow::bail!(
+            "schema {schema} exists already: choose another --schema, or drop it (`ledger replay drop {schema}`)"
+        );
+    }
+    create(&admin, config, &schema).await?;
+    let pool = ledger_runtime::db::pool_in_schema(&config.reporting_database_url, &schema, 2).await?;
+
+    let spans = log::whole(config, &ledger_projector::TOPICS)?;
+    let total: u64 = spans.iter().map(Span::len).sum();
+    let what = match o.as_of {
+        Some(t) => format!(" as of {}", t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        None => String::new(),
+    };
+    eprintln!("replaying {total} records of {} partitions into schema {schema}{what}", spans.len());
+    let consumer = config.group(ConsumerGroup::Projector);
+    let mut tally = Tally::default();
+    let progress = Progress::new(total);
+    let started = Instant::now();
+    let as_of = o.as_of;
+    let keep = move |e: &Event| as_of.is_none_or(|t| e.occurred_at <= t);
+    let mut chunks = log::stream(config, spans, o.batch.max(1));
+    while let Some(chunk) = chunks.recv().await {
+        let chunk = chunk?;
+        let mut tx = pool.begin().await?;
+        let applied = ledger_projector::apply_records(&mut tx, &consumer, &chunk, &keep, &mut |e| tally.see(e)).await?;
+        tx.commit().await?;
+        tally.records += chunk.len() as u64;
+        tally.folded += applied.folded;
+        tally.undecodable += applied.undecodable.len() as u64;
+        tally.after_as_of += applied.fresh - applied.folded - applied.undecodable.len() as u64;
+        progress.advance(chunk.len() as u64);
+    }
+    progress.finish();
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        tally.records == total,
+        "read {} of the {total} records the log held when the replay started",
+        tally.records
+    );
+    println!(
+        "replayed {} records into schema {schema} in {seconds:.1} s ({:.0} events/s): {} events folded, \
+         {} after the as-of time left out, {} undecodable records skipped",
+        tally.records,
+        tally.records as f64 / seconds.max(1e-9),
+        tally.folded,
+        tally.after_as_of,
+        tally.undecodable
+    );
+    let checks = verify(&pool, &tally).await?;
+    let failed = checks.iter().filter(|c| c.log != c.read_model).count();
+    println!("checked against the log:");
+    for c in &checks {
+        let mark = if c.log == c.read_model { "ok" } else { "DIFFERS" };
+        println!("  {:<32} log {:>10}  read model {:>10}  {mark}", c.what, c.log, c.read_model);
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} check(s) differ: schema {schema} is kept for inspection and not swapped");
+    }
+    if o.swap {
+        let old = swap(config, &schema).await?;
+        println!(
+            "swapped: readers now use the rebuild as {LIVE}; the previous read model is kept as schema {old} \
+             (drop it with `ledger replay drop {old}`)"
+        );
+    } else {
+        println!("schema {schema} is ready; compare it with {LIVE}, or rebuild with --swap to switch readers");
+    }
+    Ok(())
+}
+
+/// The schema, its tables (the read model's migrations) and the reporting
+/// role's grants.
+async fn create(admin: &PgPool, config: &Config, schema: &str) -> anyhow::Result<()> {
+    sqlx::query(&format!("-- ledger::replay::create\nCREATE SCHEMA \"{schema}\"")).execute(admin).await?;
+    let pool = ledger_runtime::db::pool_in_schema(&config.reporting_database_url, schema, 1).await?;
+    ledger_projections::MIGRATOR.run(&pool).await.with_context(|| format!("migrating schema {schema}"))?;
+    pool.close().await;
+    for grant in [
+        format!("GRANT USAGE ON SCHEMA \"{schema}\" TO ledger_reporter"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO ledger_reporter"),
+        format!("ALTER DEFAULT PRIVILEGES IN SCHEMA \"{schema}\" GRANT SELECT ON TABLES TO ledger_reporter"),
+    ] {
+        sqlx::query(&format!("-- ledger::replay::create (grants)\n{grant}")).execute(admin).await?;
+    }
+    Ok(())
+}
+
+struct Check {
+    what: String,
+    log: i64,
+    read_model: i64,
+}
+
+/// Row counts and per-status totals of the rebuild against the tally.
+async fn verify(pool: &PgPool, tally: &Tally) -> anyhow::Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let count = |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await };
+    checks.push(Check {
+        what: "messages".into(),
+        log: tally.messages.len() as i64,
+        read_model: count("-- ledger::replay::verify (messages)\nSELECT count(*) FROM messages").await?,
+    });
+    checks.push(Check {
+        what: "intents".into(),
+        log: tally.intents.len() as i64,
+        read_model: count("-- ledger::replay::verify (intents)\nSELECT count(*) FROM intents").await?,
+    });
+    checks.push(Check {
+        what: "dead letters".into(),
+        log: tally.dead_letters.len() as i64,
+        read_model: count("-- ledger::replay::verify (dead letters)\nSELECT count(*) FROM dead_letters").await?,
+    });
+    let by_status: BTreeMap<String, i64> = sqlx::query_as(
+        "-- ledger::replay::verify (statuses)
+         SELECT status, count(*) FROM messages GROUP BY status",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    let rolled_up: BTreeMap<String, i64> = sqlx::query_as(
+        "-- ledger::replay::verify (roll-up)
+         SELECT status, sum(messages)::bigint FROM intent_status_counts GROUP BY status HAVING sum(messages) <> 0",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    let expected = tally.statuses();
+    let mut names: Vec<&String> = expected.keys().chain(by_status.keys()).chain(rolled_up.keys()).collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let log = expected.get(name).copied().unwrap_or(0);
+        checks.push(Check {
+            what: format!("messages {name}"),
+            log,
+            read_model: by_status.get(name).copied().unwrap_or(0),
+        });
+        checks.push(Check {
+            what: format!("campaign counts {name}"),
+            log,
+            read_model: rolled_up.get(name).copied().unwrap_or(0),
+        });
+    }
+    Ok(checks)
+}
+
+/// Switches readers to `schema`; returns the name the previous live schema
+/// is kept under.
+async fn swap(config: &Config, schema: &str) -> anyhow::Result<String> {
+    let consumer = config.group(ConsumerGroup::Projector);
+    let old = format!("replaced_{}", Utc::now().format("%Y%m%d_%H%M%S"));
+    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 1).await?;
+    let mut tx = pool.begin().await?;
+    // The live projector's next batch waits here (it locks these rows
+    // first); reports, which only read, do not.
+    sqlx::query(&format!(
+        "-- ledger::replay::swap (hold the live projector)\nLOCK TABLE {LIVE}.projector_offsets IN EXCLUSIVE MODE"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let live: Vec<(String, i32, i64)> = sqlx::query_as(&format!(
+        "-- ledger::replay::swap (live offsets)
+         SELECT topic, partition, next_offset FROM {LIVE}.projector_offsets WHERE consumer = $1"
+    ))
+    .bind(&consumer)
+    .fetch_all(&mut *tx)
+    .await?;
+    let rebuilt: HashMap<(String, i32), i64> = sqlx::query_as::<_, (String, i32, i64)>(&format!(
+        "-- ledger::replay::swap (rebuild offsets)
+         SELECT topic, partition, next_offset FROM \"{schema}\".projector_offsets WHERE consumer = $1"
+    ))
+    .bind(&consumer)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|(t, p, o)| ((t, p), o))
+    .collect();
+    // What the live projector applied since the rebuild read the log.
+    let behind: Vec<Span> = live
+        .into_iter()
+        .filter_map(|(topic, partition, live)| {
+            let from = rebuilt.get(&(topic.clone(), partition)).copied().unwrap_or(0);
+            (live > from).then_some(Span { topic, partition, from, to: live })
+        })
+        .collect();
+    if !behind.is_empty() {
+        let records = log::read_all(config, behind).await?;
+        sqlx::query(&format!("-- ledger::replay::swap (catch up)\nSET LOCAL search_path TO \"{schema}\""))
+            .execute(&mut *tx)
+            .await?;
+        let applied = ledger_projector::apply_records(&mut tx, &consumer, &records, &|_| true, &mut |_| {}).await?;
+        eprintln!("caught up with the live projector: {} records", applied.fresh);
+    }
+    sqlx::query(&format!("-- ledger::replay::swap (rename)\nALTER SCHEMA {LIVE} RENAME TO \"{old}\""))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("-- ledger::replay::swap (rename)\nALTER SCHEMA \"{schema}\" RENAME TO {LIVE}"))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(old)
+}
+
+/// Drops a read-model schema kept by a rebuild or a swap.
+pub async fn drop(config: &Config, schema: &str, yes: bool) -> anyhow::Result<()> {
+    check_schema_name(schema)?;
+    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 1).await?;
+    let is_read_model: bool = sqlx::query_scalar(
+        "-- ledger::replay::drop (is it a read model)
+         SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'projector_offsets')",
+    )
+    .bind(schema)
+    .fetch_one(&pool)
+    .await?;
+    anyhow::ensure!(is_read_model, "schema {schema} is not a read model kept by `ledger replay`");
+    confirm(config, yes, &format!("drop schema {schema} and every table in it"))?;
+    sqlx::query(&format!("-- ledger::replay::drop\nDROP SCHEMA \"{schema}\" CASCADE")).execute(&pool).await?;
+    println!("dropped schema {schema}");
+    Ok(())
+}
+
+/// The read-model schemas in the reporting database, with their sizes.
+pub async fn list(config: &Config) -> anyhow::Result<()> {
+    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 1).await?;
+    let schemas: Vec<String> = sqlx::query_scalar(
+        "-- ledger::replay::list
+         SELECT schemaname::text FROM pg_tables WHERE tablename = 'projector_offsets' ORDER BY schemaname = 'public' DESC, schemaname",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for s in schemas {
+        let messages: i64 =
+            sqlx::query_scalar(&format!("-- ledger::replay::list (size)\nSELECT count(*) FROM \"{s}\".messages"))
+                .fetch_one(&pool)
+                .await?;
+        let role = if s == LIVE { "live" } else { "kept" };
+        println!("{s:<32} {role:<5} {messages:>10} messages");
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal; a line every few seconds otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    done: std::cell::Cell<u64>,
+    started: Instant,
+    last_line: std::cell::Cell<Instant>,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:32}] {pos}/{len} events  {per_sec}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        let now = Instant::now();
+        Progress { bar, total, done: 0.into(), started: now, last_line: now.into() }
+    }
+
+    fn advance(&self, n: u64) {
+        self.done.set(self.done.get() + n);
+        if let Some(bar) = &self.bar {
+            bar.inc(n);
+        } else if self.last_line.get().elapsed().as_secs() >= 5 {
+            self.last_line.set(Instant::now());
+            let rate = self.done.get() as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            let eta = (self.total - self.done.get().min(self.total)) as f64 / rate.max(1e-9);
+            eprintln!("{}/{} events  {rate:.0}/s  ETA {eta:.0} s", self.done.get(), self.total);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers_and_never_the_live_one() {
+        for good in ["rebuild_20261201", "shadow", "_x1"] {
+            assert!(check_schema_name(good).is_ok(), "{good}");
+        }
+        for bad in ["public", "pg_temp", "1abc", "Shadow", "a-b", "a\"b", "", &"x".repeat(64)] {
+            assert!(check_schema_name(bad).is_err(), "{bad}");
+        }
+    }
+}
