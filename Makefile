@@ -94,6 +94,11 @@ bench-render: infra-up ## Renderer throughput on a 300,000-recipient campaign, a
 bench-deliver: infra-up ## Dispatcher throughput (sink) as a ratio to raw consume; a 6,000/min governor over 60 s with two instances
 	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-deliver
 
+.PHONY: bench-replay
+bench-replay: infra-up ## `ledger replay projections` events/s as a ratio to raw consume of the same log (release build)
+	cargo build --release -p ledger
+	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-replay
+
 .PHONY: bench-project
 bench-project: infra-up ## Projection rows/s as a ratio to raw binary COPY into the same table
 	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-project

@@ -100,7 +100,7 @@ async fn a_rebuilt_read_model_equals_the_live_one_and_as_of_gives_the_counts_of_
     let second = campaign(&app, "second", "ok", 20).await;
     app.wait_terminal(&second, 21, Duration::from_secs(60)).await;
 
-    let out = ledger_ok(&app.config, &["replay", "projections", "--schema", "rebuilt", "--batch", "7"]);
+    let out = ledger_ok(&app.config, &["replay", "projections", "--schema", "rebuilt", "--window", "7"]);
     eprintln!("{out}");
     assert!(out.contains("checked against the log:") && !out.contains("DIFFERS"), "{out}");
     assert!(out.contains("messages delivered"), "{out}");

@@ -540,3 +540,86 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Benchmarks' synthetic log: one intent of `messages` recipients (a
+/// recipient batch per 1,000), then every message rendered, attempted and
+/// delivered, stage by stage.
+pub fn lifecycle_events_of_size(messages: usize) -> Vec<Event> {
+    use ledger_schemas::*;
+    use uuid::Uuid;
+    let tenant = TenantId("acme".into());
+    let intent = IntentId(Uuid::new_v4());
+    let ev = |body, message_id: Option<MessageId>, what: &str, seq: u32| Event {
+        event_id: EventId::derive(message_id.map(|m| m.0).unwrap_or(intent.0), what, seq),
+        body,
+        tenant_id: tenant.clone(),
+        intent_id: intent,
+        message_id,
+        occurred_at: chrono::Utc::now(),
+        correlation_id: "bench".into(),
+    };
+    let address = |i: usize| format!("c{i}@example.com");
+    let mut events = Vec::new();
+    for b in 0..messages / 1000 {
+        let recipients = (b * 1000..(b + 1) * 1000)
+            .map(|i| Recipient { address: address(i), variables: Default::default() })
+            .collect();
+        events.push(ev(
+            EventBody::RecipientBatch(RecipientBatch {
+                batch_index: b as u32,
+                batch_count: (messages / 1000) as u32,
+                channel: Channel::Email,
+                priority: Priority::Bulk,
+                from: None,
+                content: Content::default(),
+                template: None,
+                recipients,
+                send_at: None,
+            }),
+            None,
+            "batch",
+            b as u32,
+        ));
+    }
+    for stage in 0..3 {
+        for i in 0..messages {
+            let id = MessageId::derive(intent, &address(i));
+            let (body, what) = match stage {
+                0 => (
+                    EventBody::MessageRendered(MessageRendered {
+                        channel: Channel::Email,
+                        priority: Priority::Bulk,
+                        recipient: address(i),
+                        from: None,
+                        subject: Some("s".into()),
+                        text: None,
+                        html: None,
+                        json: None,
+                    }),
+                    "rendered",
+                ),
+                1 => (
+                    EventBody::DeliveryAttempted(DeliveryAttempted {
+                        attempt: 1,
+                        channel: Channel::Email,
+                        recipient: address(i),
+                        provider: "sink".into(),
+                        identity: None,
+                    }),
+                    "attempted",
+                ),
+                _ => (
+                    EventBody::Delivered(Delivered {
+                        attempt: 1,
+                        provider: "sink".into(),
+                        provider_message_id: Some(format!("p{i}")),
+                        identity: None,
+                    }),
+                    "delivered",
+                ),
+            };
+            events.push(ev(body, Some(id), what, 1));
+        }
+    }
+    events
+}

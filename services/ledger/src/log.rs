@@ -44,7 +44,7 @@ pub fn reader(config: &Config) -> anyhow::Result<BaseConsumer> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("fetch.wait.max.ms", "20")
-        .set("queued.max.messages.kbytes", "262144")
+        .set("queued.max.messages.kbytes", "65536")
         .set("log_level", "4")
         .create()
         .context("creating a log reader")

@@ -161,9 +161,10 @@ enum ReplayCommand {
         /// model is kept as replaced_<time> until dropped.
         #[arg(long)]
         swap: bool,
-        /// Records per transaction.
-        #[arg(long, default_value_t = 20_000)]
-        batch: usize,
+        /// Distinct messages folded in memory before they are written
+        /// (about 1 KiB each): each message's row is written once per window.
+        #[arg(long, default_value_t = 1_000_000)]
+        window: usize,
         /// Do it without asking.
         #[arg(long)]
         yes: bool,
@@ -358,8 +359,8 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay { command } => match command {
-            ReplayCommand::Projections { as_of, schema, swap, batch, yes } => {
-                replay::projections(&config, replay::Options { as_of, schema, swap, yes, batch }).await
+            ReplayCommand::Projections { as_of, schema, swap, window, yes } => {
+                replay::projections(&config, replay::Options { as_of, schema, swap, yes, window }).await
             }
             ReplayCommand::List => replay::list(&config).await,
             ReplayCommand::Drop { schema, yes } => replay::drop(&config, &schema, yes).await,

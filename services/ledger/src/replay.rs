@@ -18,10 +18,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use ledger_projections::fold::{self, supersedes};
-use ledger_projections::Status;
+use ledger_projections::fold::supersedes;
+use ledger_projections::store::{self, PartitionOffset};
+use ledger_projections::{Fold, Status};
 use ledger_runtime::Config;
-use ledger_schemas::{ConsumerGroup, Event, EventBody, EventId, IntentId, MessageId};
+use ledger_schemas::{ConsumerGroup, Event, EventId, IntentId, MessageId};
+use rdkafka::Message;
 use sqlx::PgPool;
 
 use crate::confirm::confirm;
@@ -35,8 +37,9 @@ pub struct Options {
     pub schema: Option<String>,
     pub swap: bool,
     pub yes: bool,
-    /// Records per transaction.
-    pub batch: usize,
+    /// Distinct messages folded in memory before they are written (each
+    /// message's row is then written once per window, not once per event).
+    pub window: usize,
 }
 
 /// A schema name the tooling accepts: lower-case letters, digits and `_`.
@@ -79,8 +82,9 @@ struct Tally {
 }
 
 impl Tally {
-    fn see(&mut self, event: &Event) {
-        for p in fold::patches(event) {
+    /// Takes in a window's fold, before it is written.
+    fn see(&mut self, window: &Fold) {
+        for p in window.messages.values() {
             self.messages
                 .entry(p.message_id)
                 .and_modify(|(s, a)| {
@@ -90,15 +94,8 @@ impl Tally {
                 })
                 .or_insert((p.status, p.status_attempt));
         }
-        match &event.body {
-            EventBody::IntentAccepted(_) => {
-                self.intents.insert(event.intent_id);
-            }
-            EventBody::DeadLettered(_) => {
-                self.dead_letters.insert(event.event_id);
-            }
-            _ => {}
-        }
+        self.intents.extend(window.intents.keys().copied());
+        self.dead_letters.extend(window.dead_letters.iter().map(|d| EventId(d.event_id)));
     }
 
     fn statuses(&self) -> BTreeMap<String, i64> {
@@ -129,8 +126,10 @@ pub async fn projections(config: &Config, o: Options) -> anyhow::Result<()> {
         );
     }
     create(&admin, config, &schema).await?;
-    let pool = ledger_runtime::db::pool_in_schema(&config.reporting_database_url, &schema, 2).await?;
+    let pool = ledger_runtime::db::pool_in_schema(&config.reporting_database_url, &schema, WRITERS as u32 + 1).await?;
 
+    // Secondary indexes are built once at the end, not row by row.
+    let indexes = drop_secondary_indexes(&admin, &schema).await?;
     let spans = log::whole(config, &ledger_projector::TOPICS)?;
     let total: u64 = spans.iter().map(Span::len).sum();
     let what = match o.as_of {
@@ -144,18 +143,47 @@ pub async fn projections(config: &Config, o: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let as_of = o.as_of;
     let keep = move |e: &Event| as_of.is_none_or(|t| e.occurred_at <= t);
-    let mut chunks = log::stream(config, spans, o.batch.max(1));
+    // Folds are order-independent merges, so a window of the log folds in
+    // memory and is written in one transaction with the offsets it reached;
+    // the schema is new and nobody else writes to it.
+    let mut window = Fold::default();
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut flushes = 0u32;
+    let mut writing = std::time::Duration::ZERO;
+    let mut chunks = log::stream(config, spans, 20_000);
     while let Some(chunk) = chunks.recv().await {
         let chunk = chunk?;
-        let mut tx = pool.begin().await?;
-        let applied = ledger_projector::apply_records(&mut tx, &consumer, &chunk, &keep, &mut |e| tally.see(e)).await?;
-        tx.commit().await?;
+        for m in &chunk {
+            next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+            match Event::from_json(m.payload().unwrap_or_default()) {
+                Ok(event) if keep(&event) => {
+                    tally.folded += 1;
+                    window.add(&event);
+                }
+                Ok(_) => tally.after_as_of += 1,
+                Err(_) => tally.undecodable += 1,
+            }
+        }
         tally.records += chunk.len() as u64;
-        tally.folded += applied.folded;
-        tally.undecodable += applied.undecodable.len() as u64;
-        tally.after_as_of += applied.fresh - applied.folded - applied.undecodable.len() as u64;
         progress.advance(chunk.len() as u64);
+        if window.messages.len() >= o.window.max(1) {
+            tally.see(&window);
+            let t = Instant::now();
+            write(&pool, &consumer, std::mem::take(&mut window), &next).await?;
+            writing += t.elapsed();
+            flushes += 1;
+        }
     }
+    tally.see(&window);
+    let t = Instant::now();
+    write(&pool, &consumer, window, &next).await?;
+    writing += t.elapsed();
+    flushes += 1;
+    let t = Instant::now();
+    for definition in &indexes {
+        sqlx::query(&format!("-- ledger::replay::projections (index)\n{definition}")).execute(&admin).await?;
+    }
+    writing += t.elapsed();
     progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     anyhow::ensure!(
@@ -164,10 +192,12 @@ pub async fn projections(config: &Config, o: Options) -> anyhow::Result<()> {
         tally.records
     );
     println!(
-        "replayed {} records into schema {schema} in {seconds:.1} s ({:.0} events/s): {} events folded, \
-         {} after the as-of time left out, {} undecodable records skipped",
+        "replayed {} records into schema {schema} in {seconds:.2} s ({:.0} events/s, {flushes} write(s) taking {:.1} s, peak memory {}): \
+         {} events folded, {} after the as-of time left out, {} undecodable records skipped",
         tally.records,
         tally.records as f64 / seconds.max(1e-9),
+        writing.as_secs_f64(),
+        peak_memory(),
         tally.folded,
         tally.after_as_of,
         tally.undecodable
@@ -192,6 +222,73 @@ pub async fn projections(config: &Config, o: Options) -> anyhow::Result<()> {
         println!("schema {schema} is ready; compare it with {LIVE}, or rebuild with --swap to switch readers");
     }
     Ok(())
+}
+
+/// Drops the indexes of `schema` that back no constraint; returns their
+/// definitions, to be created again.
+async fn drop_secondary_indexes(admin: &PgPool, schema: &str) -> anyhow::Result<Vec<String>> {
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "-- ledger::replay::drop_secondary_indexes
+         SELECT i.indexname::text, i.indexdef FROM pg_indexes i
+         WHERE i.schemaname = $1
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                           WHERE c.conindid = format('%I.%I', i.schemaname, i.indexname)::regclass)",
+    )
+    .bind(schema)
+    .fetch_all(admin)
+    .await?;
+    for (name, _) in &indexes {
+        sqlx::query(&format!("-- ledger::replay::drop_secondary_indexes\nDROP INDEX \"{schema}\".\"{name}\""))
+            .execute(admin)
+            .await?;
+    }
+    Ok(indexes.into_iter().map(|(_, definition)| definition).collect())
+}
+
+/// Writers of one window, each on its own connection.
+const WRITERS: usize = 2;
+
+/// Writes a folded window, then the offsets it reached. The window is split
+/// by message id between [`WRITERS`] transactions that run at once (the
+/// schema is new and only this replay writes to it: a replay that fails is
+/// dropped and run again, so the parts need not commit as one).
+async fn write(pool: &PgPool, consumer: &str, fold: Fold, next: &BTreeMap<(String, i32), i64>) -> anyhow::Result<()> {
+    let writes = split(fold, WRITERS).into_iter().map(|part| async move {
+        let mut tx = pool.begin().await?;
+        store::apply(&mut tx, &part).await?;
+        tx.commit().await?;
+        anyhow::Ok(())
+    });
+    for done in futures::future::join_all(writes).await {
+        done?;
+    }
+    let offsets: Vec<PartitionOffset> = next
+        .iter()
+        .map(|((topic, partition), o)| PartitionOffset { topic: topic.clone(), partition: *partition, next_offset: *o })
+        .collect();
+    let mut tx = pool.begin().await?;
+    store::save_offsets(&mut tx, consumer, &offsets).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `fold` in `n` parts by message id; what is not about one message goes
+/// in the first.
+fn split(fold: Fold, n: usize) -> Vec<Fold> {
+    let mut parts: Vec<Fold> = (0..n.max(1)).map(|_| Fold::default()).collect();
+    let count = parts.len();
+    let which = |id: &ledger_schemas::MessageId| (id.0.as_u128() % count as u128) as usize;
+    for (id, m) in fold.messages {
+        parts[which(&id)].messages.insert(id, m);
+    }
+    for (key, a) in fold.attempts {
+        parts[which(&key.0)].attempts.insert(key, a);
+    }
+    let first = &mut parts[0];
+    first.intents = fold.intents;
+    first.dead_letters = fold.dead_letters;
+    first.cancelled = fold.cancelled;
+    parts
 }
 
 /// The schema, its tables (the read model's migrations) and the reporting
@@ -365,6 +462,16 @@ pub async fn list(config: &Config) -> anyhow::Result<()> {
         println!("{s:<32} {role:<5} {messages:>10} messages");
     }
     Ok(())
+}
+
+/// This process's peak resident memory (Linux), for the summary.
+fn peak_memory() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l["VmHWM:".len()..].trim().to_owned()))
+        .and_then(|kb| kb.trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .map(|kb| format!("{} MiB", kb / 1024))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A progress bar on a terminal; a line every few seconds otherwise.
