@@ -103,13 +103,19 @@ pub async fn save_offsets(
     Ok(())
 }
 
-/// A message's status change in a batch: intent, tenant, status before (none
-/// for a new row), status after, when it got there, and the sender identity
-/// the row names by then.
-type Transition = (Uuid, String, Option<String>, String, DateTime<Utc>, Option<String>);
+/// A message's status change in a batch: intent, tenant, the row before
+/// (none for a new row), status after, when it got there, and the sender
+/// identity the row names by then.
+type Transition = (Uuid, String, Option<Before>, String, DateTime<Utc>, Option<String>);
 
-/// Keeps `intent_status_counts` and `tenant_hourly` in step with the
-/// messages' status transitions of this batch.
+/// A message's row before a batch: status, when it got there, identity.
+type Before = (String, DateTime<Utc>, Option<String>);
+
+/// Keeps `intent_status_counts` and the hourly roll-ups in step with the
+/// messages' status transitions of this batch. A roll-up counts each message
+/// once, under the terminal status it has and the hour it got there: a
+/// message that leaves a terminal status (a redrive) leaves its bucket, so
+/// a rebuild that sees both statuses in one batch counts the same.
 async fn apply_transitions(conn: &mut PgConnection, transitions: &[Transition]) -> Result<(), StoreError> {
     if transitions.is_empty() {
         return Ok(());
@@ -117,14 +123,21 @@ async fn apply_transitions(conn: &mut PgConnection, transitions: &[Transition]) 
     let mut counts: HashMap<(Uuid, &str, &str), i64> = HashMap::new();
     let mut hourly: HashMap<(&str, DateTime<Utc>, &str), i64> = HashMap::new();
     let mut by_identity: HashMap<(&str, DateTime<Utc>, &str), i64> = HashMap::new();
+    let hour_of = |at: &DateTime<Utc>| at.duration_trunc(chrono::TimeDelta::hours(1)).unwrap_or(*at);
     for (intent, tenant, old, new, at, identity) in transitions {
-        if let Some(old) = old {
+        if let Some((old, old_at, old_identity)) = old {
             *counts.entry((*intent, tenant, old)).or_default() -= 1;
+            if Status::parse(old).is_some_and(Status::is_terminal) {
+                let hour = hour_of(old_at);
+                *hourly.entry((tenant, hour, old)).or_default() -= 1;
+                if let Some(identity) = old_identity {
+                    *by_identity.entry((identity, hour, old)).or_default() -= 1;
+                }
+            }
         }
         *counts.entry((*intent, tenant, new)).or_default() += 1;
-        let was_terminal = old.as_deref().and_then(Status::parse).is_some_and(Status::is_terminal);
-        if !was_terminal && Status::parse(new).is_some_and(Status::is_terminal) {
-            let hour = at.duration_trunc(chrono::TimeDelta::hours(1)).unwrap_or(*at);
+        if Status::parse(new).is_some_and(Status::is_terminal) {
+            let hour = hour_of(at);
             *hourly.entry((tenant, hour, new)).or_default() += 1;
             if let Some(identity) = identity {
                 *by_identity.entry((identity, hour, new)).or_default() += 1;
@@ -206,14 +219,16 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         // replayed event changes no status, so it changes no count. The rows
         // are locked first so that the "before" stays true until commit.
         let ids: Vec<Uuid> = rows.iter().map(|r| r.message_id.0).collect();
-        let before: HashMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(
+        let before: HashMap<Uuid, Before> = sqlx::query_as::<_, (Uuid, String, DateTime<Utc>, Option<String>)>(
             "-- projections::store::apply (status before)
-             SELECT message_id, status FROM messages WHERE message_id = ANY($1) ORDER BY message_id FOR UPDATE",
+             SELECT message_id, status, COALESCE(delivered_at, failed_at, suppressed_at, updated_at), identity
+             FROM messages WHERE message_id = ANY($1) ORDER BY message_id FOR UPDATE",
         )
         .bind(&ids)
         .fetch_all(&mut *conn)
         .await?
         .into_iter()
+        .map(|(id, status, at, identity)| (id, (status, at, identity)))
         .collect();
         // (message, intent, tenant, status, when, identity) after the upsert.
         type After = (Uuid, Uuid, String, String, DateTime<Utc>, Option<String>);
@@ -328,7 +343,8 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
             .into_iter()
             .filter_map(|(message, intent, tenant, status, at, identity)| {
                 let old = before.get(&message).cloned();
-                (old.as_deref() != Some(status.as_str())).then_some((intent, tenant, old, status, at, identity))
+                (old.as_ref().map(|(s, _, _)| s.as_str()) != Some(status.as_str()))
+                    .then_some((intent, tenant, old, status, at, identity))
             })
             .collect();
         apply_transitions(conn, &transitions).await?;

@@ -284,6 +284,19 @@ async fn redrive_sends_each_failed_message_once_even_when_run_twice_and_a_dry_ru
     let whole = ledger_ok(&app.config, &["inspect", "intent", &intent]);
     assert!(whole.contains("delivered") && whole.contains("the log and the read model agree"), "{whole}");
 
+    // A rebuild after the redrive equals the live read model, roll-ups too.
+    let out = ledger_ok(&app.config, &["replay", "projections", "--schema", "after_redrive"]);
+    assert!(!out.contains("DIFFERS"), "{out}");
+    let diffs = differences(&app.reporting, "public", "after_redrive").await;
+    assert!(diffs.iter().all(|(_, n)| *n == 0), "{diffs:?}");
+    let failed_hourly: i64 = sqlx::query_scalar(
+        "-- tests::replay::failed_hourly\nSELECT COALESCE(sum(messages), 0)::bigint FROM tenant_hourly WHERE status = 'failed'",
+    )
+    .fetch_one(&app.reporting)
+    .await
+    .unwrap();
+    assert_eq!(failed_hourly, 0, "the redriven messages left the failed bucket");
+
     let lag = ledger_ok(&app.config, &["lag"]);
     assert!(lag.contains("projection lag: 0 event(s)"), "{lag}");
     assert!(lag.contains(&app.config.group(ledger_schemas::ConsumerGroup::Dispatcher)), "{lag}");
