@@ -45,9 +45,10 @@ run: setup ## Run every role on local defaults, submit a demo, serve until Ctrl-
 	$(WITH_ENV) $(LEDGER) run all --demo $(DEMO)
 
 .PHONY: test
-test-tools: ## Real protocol peers the tests talk to (an SMTP server from PyPI), in .local/venv
-	@if .local/venv/bin/python -c 'import aiosmtpd' 2>/dev/null; then echo "test-tools: aiosmtpd present"; else \
-	  python3 -m venv .local/venv && .local/venv/bin/pip install --quiet 'aiosmtpd==1.4.6'; fi
+test-tools: ## What the tests run besides the ledger: an SMTP server and a manifest validator (PyPI, .local/venv), promtool (Debian)
+	@if .local/venv/bin/python -c 'import aiosmtpd, kubernetes_validate' 2>/dev/null; then echo "test-tools: aiosmtpd, kubernetes-validate present"; else \
+	  python3 -m venv .local/venv && .local/venv/bin/pip install --quiet 'aiosmtpd==1.4.6' 'kubernetes-validate==1.37.0'; fi
+	@echo "test-tools: promtool at $$(infra/promtool.sh)"
 
 .PHONY: test-tools
 test: infra-up compose-check test-tools ## Run the whole test suite against the local broker and PostgreSQL

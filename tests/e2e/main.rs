@@ -6,6 +6,7 @@ mod delivery;
 mod feedback;
 mod foundation;
 mod ingest;
+mod observability;
 mod projection;
 mod rendering;
 mod replay;

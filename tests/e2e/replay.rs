@@ -358,3 +358,35 @@ async fn a_dead_letter_is_listed_shown_and_reprocessed_once() {
     assert!(!unknown.status.success());
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_message_is_sent_again_only_when_redriven_and_production_refuses_without_yes() {
+    let mut config = test_config();
+    // The first call never answers; the provider is back for the second.
+    config.sink.failures = vec![fail("black-hole", SinkFailureKind::Timeout, 1)];
+    config.dispatcher.provider_timeout_ms = 300;
+    config.dispatcher.claim_lease_secs = 2;
+    let app = spawn_app_with(config).await;
+    let body = json!({ "to": "black-hole@example.com", "from": "shop@example.com",
+                       "content": { "subject": "S", "text": "T" } });
+    let reply = app.post("/v1/messages", Some("hole"), &body).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.body["message_id"].as_str().expect("id").to_owned();
+    app.wait_for_status(&id, "ambiguous").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(app.sink_deliveries(&id), 0, "held for reconciliation, not resent");
+
+    let mut production = app.config.clone();
+    production.mode = ledger_runtime::Mode::Production;
+    let refused = ledger_output(&production, &["redrive", "--status", "ambiguous"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused in production mode"), "{refused:?}");
+
+    let out = ledger_ok(&app.config, &["redrive", "--status", "ambiguous", "--yes"]);
+    assert!(out.contains("redriven 1 message(s): 1 as attempt 2"), "{out}");
+    let row = app.wait_for_status(&id, "delivered").await;
+    assert_eq!(row["attempts"], 2, "{row}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.sink_deliveries(&id), 1);
+    app.stop().await;
+}

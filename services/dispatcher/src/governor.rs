@@ -242,6 +242,11 @@ async fn reserve(ops: &PgPool, identity: &str, limits: Limits, want: u32) -> Res
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    if limits.per_day > 0 {
+        // Shared by every instance: what the identity's day has used so far.
+        metrics::gauge!("ledger_identity_day_used", "identity" => identity.to_owned()).set(new_used as f64);
+        metrics::gauge!("ledger_identity_day_limit", "identity" => identity.to_owned()).set(f64::from(limits.per_day));
+    }
     Ok(grant)
 }
 

@@ -593,9 +593,19 @@ impl Inner {
             if !identity.governor.acquire(tenant, message.priority).await {
                 return Err(DispatchError::Shutdown);
             }
-            let Ok(_slot) = identity.slots.acquire().await else {
+            // Stopping: what has not reached the provider yet is handed back
+            // (its offset is not stored; the next owner reads it again).
+            let slot = tokio::select! {
+                slot = identity.slots.acquire() => slot,
+                _ = shutdown.wait() => return Err(DispatchError::Shutdown),
+            };
+            let Ok(_slot) = slot else {
                 return Err(DispatchError::Shutdown);
             };
+            if shutdown.is_triggered() {
+                identity.governor.pass_on();
+                return Err(DispatchError::Shutdown);
+            }
             let claimed: Option<i32> = if look.state.as_deref() == Some("retrying") {
                 sqlx::query_scalar(
                     "-- dispatcher::deliver (claim a retry)

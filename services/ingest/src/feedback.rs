@@ -483,8 +483,8 @@ async fn receive_inner(state: &AppState, source: &str, request: Request) -> Resu
     for ((tenant, _), (reason, recipients)) in &suppress {
         suppressions::add(&state.ops, tenant, recipients, *reason, &format!("feedback:{source}")).await?;
     }
-    for (report, _) in &new {
-        metrics::counter!("ledger_feedback_total", "source" => source.to_owned(), "kind" => report.kind.as_str(), "outcome" => "recorded").increment(1);
+    for (report, event) in &new {
+        metrics::counter!("ledger_feedback_total", "source" => source.to_owned(), "kind" => report.kind.as_str(), "outcome" => "recorded", "tenant" => event.tenant_id.0.clone()).increment(1);
     }
     // The recipient's side has seen the message: an attempt held as
     // ambiguous was delivered after all, and is no longer to reconcile.

@@ -7,6 +7,7 @@ mod dlq;
 mod inspect;
 mod lag;
 mod log;
+mod ops;
 mod redrive;
 mod replay;
 
@@ -428,6 +429,18 @@ async fn run(config: Config, roles: Vec<Role>, demo: Option<u32>) -> anyhow::Res
         let s = shutdown.clone();
         tasks.spawn(async move { projector.run(s).await.map_err(anyhow::Error::from) });
     }
+    if api.is_none() {
+        let mut databases = Vec::new();
+        if has(Role::Render) || has(Role::Dispatch) {
+            databases.push(("operational_store", config.ops_database_url.clone()));
+        }
+        if has(Role::Project) {
+            databases.push(("read_model", config.reporting_database_url.clone()));
+        }
+        let (addr, server) = ops::serve(&config, databases, shutdown.clone()).await?;
+        println!("metrics and probes on http://{addr}/metrics, /healthz, /readyz  (Ctrl-C to stop)");
+        tasks.spawn(server);
+    }
     if let Some(count) = demo {
         let addr = api.context("--demo needs the ingest role")?;
         if !(all || (has(Role::Render) && has(Role::Dispatch) && has(Role::Project))) {
@@ -446,6 +459,17 @@ async fn run(config: Config, roles: Vec<Role>, demo: Option<u32>) -> anyhow::Res
     } else if let Some(addr) = api {
         println!("ingest API on http://{addr}  (Ctrl-C to stop)");
     }
+    // A bounded stop: what is not done within the grace period is left to
+    // the claims' leases and the uncommitted offsets (read again, decided
+    // again by the claims), never lost.
+    let grace = Duration::from_secs(u64::from(config.shutdown_grace_secs));
+    let watchdog = shutdown.clone();
+    tokio::spawn(async move {
+        watchdog.wait().await;
+        tokio::time::sleep(grace).await;
+        eprintln!("still stopping after {}s (shutdown_grace_secs): exiting now", grace.as_secs());
+        std::process::exit(2);
+    });
     let mut failure = None;
     while let Some(joined) = tasks.join_next().await {
         let result = joined.map_err(anyhow::Error::from).and_then(|r| r);

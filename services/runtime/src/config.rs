@@ -45,6 +45,10 @@ pub struct Config {
     /// is refused.
     pub feedback: FeedbackConfig,
     pub telemetry: TelemetryConfig,
+    /// After SIGTERM, the roles stop taking work and finish what is in
+    /// flight; a process still running this many seconds later exits
+    /// anyway (its claims' leases then decide what becomes of its calls).
+    pub shutdown_grace_secs: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -328,6 +332,9 @@ pub struct TelemetryConfig {
     pub log_format: String,
     /// Default filter when `RUST_LOG` is unset.
     pub log_filter: String,
+    /// Where a process without the ingest role (which serves them on its
+    /// API) serves `/metrics`, `/healthz` and `/readyz`; port 0 picks one.
+    pub metrics_listen: std::net::SocketAddr,
 }
 
 impl Default for Config {
@@ -345,6 +352,7 @@ impl Default for Config {
             dispatcher: DispatcherConfig::default(),
             identities: vec![IdentityConfig::new("local-sink", ProviderKind::Sink)],
             telemetry: TelemetryConfig::default(),
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -412,7 +420,11 @@ impl Default for DispatcherConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { log_format: "text".into(), log_filter: "info,sqlx=warn,rdkafka=warn".into() }
+        TelemetryConfig {
+            log_format: "text".into(),
+            log_filter: "info,sqlx=warn,rdkafka=warn".into(),
+            metrics_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
     }
 }
 
