@@ -243,3 +243,77 @@ fn the_kubernetes_manifests_validate_against_the_api_schemas() {
         assert!(text.contains(&format!("passed for resource {kind}")), "{kind} checked:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_correlation_id_of_a_request_travels_through_every_role_into_the_logs_and_the_events() {
+    let mut config = test_config();
+    config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    config.telemetry.log_format = "json".into();
+    ledger_ok(&config, &["db", "migrate"]);
+    ledger_ok(&config, &["topics", "create"]);
+    let created = ledger_ok(&config, &["tenants", "create", "acme"]);
+    let key = created.lines().last().expect("the key").trim().to_owned();
+    let file = config.sink.dir.parent().expect("dir").join("ledger.toml");
+    let log_path = config.sink.dir.parent().expect("dir").join("ledger.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut ledger = ledger_command(&file)
+        .env("RUST_LOG", "info,ledger_renderer=debug,ledger_dispatcher=debug")
+        .args(["run", "all"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("ledger run all");
+
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", config.http.listen);
+    eventually("the API", Duration::from_secs(30), || async {
+        http.get(format!("{base}/healthz")).send().await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    let trace = format!("trace-{}", uuid::Uuid::new_v4().simple());
+    let reply = http
+        .post(format!("{base}/v1/messages"))
+        .bearer_auth(&key)
+        .header("idempotency-key", "traced")
+        .header("x-correlation-id", &trace)
+        .json(&json!({ "to": "traced@example.com", "from": "shop@example.com",
+                       "content": { "subject": "S", "text": "T" } }))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(reply.status(), 202);
+    assert_eq!(reply.headers()["x-correlation-id"], trace.as_str(), "echoed");
+    let id = reply.json::<Value>().await.expect("json")["message_id"].as_str().expect("id").to_owned();
+    let sink = config.sink.dir.clone();
+    eventually("the delivery", Duration::from_secs(60), || {
+        let sink = sink.clone();
+        let id = id.clone();
+        async move {
+            let all = ledger_dispatcher::sink::read_deliveries(&sink).ok()?;
+            all.iter().any(|r| r.message_id.to_string() == id).then_some(())
+        }
+    })
+    .await;
+    let _ = std::process::Command::new("kill").args(["-TERM", &ledger.id().to_string()]).status();
+    assert!(ledger.wait().expect("reaped").success());
+
+    // In the logs of every role that handled it...
+    let text = std::fs::read_to_string(&log_path).expect("log");
+    let mut roles: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["correlation_id"] == trace.as_str())
+        .filter_map(|l| l["target"].as_str().and_then(|t| t.split("::").next()).map(str::to_owned))
+        .collect();
+    roles.sort();
+    roles.dedup();
+    assert_eq!(roles, ["ledger_dispatcher", "ledger_ingest", "ledger_renderer"], "{text}");
+    // ...and on every event about it.
+    for topic in [ledger_schemas::Topic::Intents, ledger_schemas::Topic::Rendered, ledger_schemas::Topic::Outcomes] {
+        let events: Vec<ledger_schemas::Event> =
+            read_topic_raw(&config, topic).iter().filter_map(|b| ledger_schemas::Event::from_json(b).ok()).collect();
+        assert!(!events.is_empty(), "{topic:?}");
+        assert!(events.iter().all(|e| e.correlation_id == trace), "{topic:?}: {events:?}");
+    }
+    drop_databases(&config).await;
+}

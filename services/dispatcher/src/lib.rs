@@ -765,7 +765,9 @@ impl Inner {
             .await?;
         self.publish(&outcome).await?;
         if label == "ambiguous" {
-            tracing::warn!(message_id = %id, identity = name, "message is ambiguous; held for reconciliation");
+            tracing::warn!(message_id = %id, identity = name, correlation_id = %event.correlation_id, "message is ambiguous; held for reconciliation");
+        } else {
+            tracing::debug!(message_id = %id, identity = name, attempt, outcome = label, correlation_id = %event.correlation_id, "delivery decided");
         }
         count(&event.tenant_id.0, name, label);
         Ok(true)

@@ -281,7 +281,7 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
     metrics::counter!("ledger_intents_accepted_total", "tenant" => tenant.0.clone(), "kind" => "campaign").increment(1);
     metrics::counter!("ledger_recipients_accepted_total", "tenant" => tenant.0.clone(), "kind" => "campaign")
         .increment(count as u64);
-    tracing::info!(intent_id = %intent, tenant = %tenant, recipients = count, batches, "campaign accepted");
+    tracing::info!(intent_id = %intent, tenant = %tenant, recipients = count, batches, correlation_id = %correlation, "campaign accepted");
     Ok(accepted(response, Some(&format!("/v1/intents/{intent}")), false, &correlation))
 }
 

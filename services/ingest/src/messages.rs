@@ -85,7 +85,7 @@ async fn single(state: &AppState, request: Request) -> Result<Response, ApiError
     metrics::counter!("ledger_intents_accepted_total", "tenant" => tenant.0.clone(), "kind" => "single").increment(1);
     metrics::counter!("ledger_recipients_accepted_total", "tenant" => tenant.0.clone(), "kind" => "single")
         .increment(1);
-    tracing::debug!(intent_id = %intent, tenant = %tenant, correlation_id = %correlation, "intent accepted");
+    tracing::info!(intent_id = %intent, tenant = %tenant, correlation_id = %correlation, "intent accepted");
     Ok(accepted(response, Some(&format!("/v1/intents/{intent}")), false, &correlation))
 }
 

@@ -178,7 +178,15 @@ impl Renderer {
                 if let Some(due) = batch.send_at.filter(|at| *at > Utc::now()) {
                     return self.hold(&event, batch, due).await;
                 }
-                self.render_and_send(&event, batch).await
+                let rendered = self.render_and_send(&event, batch).await;
+                tracing::debug!(
+                    intent_id = %event.intent_id,
+                    batch = batch.batch_index,
+                    recipients = batch.recipients.len(),
+                    correlation_id = %event.correlation_id,
+                    "recipient batch rendered"
+                );
+                rendered
             }
             EventBody::IntentCancelled(_) => self.cancel_held(&event).await,
             _ => Ok(()),
