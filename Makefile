@@ -95,6 +95,23 @@ bench-render: infra-up ## Renderer throughput on a 300,000-recipient campaign, a
 bench-deliver: infra-up ## Dispatcher throughput (sink) as a ratio to raw consume; a 6,000/min governor over 60 s with two instances
 	$(WITH_ENV) cargo run --release -p ledger-tests --bin bench-deliver
 
+.PHONY: bench
+bench: infra-up ## Every benchmark in one run: raw baselines, each stage alone, the 300,000-recipient campaign end to end; bench-out/summary.md
+	@# A fresh broker: tansu's memory engine slows down with many topics.
+	infra/broker.sh down && infra/broker.sh up
+	cargo build --release -p ledger -p ledger-tests --bins
+	$(WITH_ENV) target/release/bench-ingest
+	$(WITH_ENV) target/release/bench-render
+	$(WITH_ENV) BENCH_THROUGHPUT_ONLY=$${BENCH_THROUGHPUT_ONLY:-} target/release/bench-deliver
+	$(WITH_ENV) target/release/bench-project
+	$(WITH_ENV) target/release/bench-replay
+	$(WITH_ENV) target/release/bench-pipeline
+
+.PHONY: bench-pipeline
+bench-pipeline: infra-up ## The 300,000-recipient campaign end to end, each role its own process (release build)
+	cargo build --release -p ledger -p ledger-tests --bin ledger --bin bench-pipeline
+	$(WITH_ENV) target/release/bench-pipeline
+
 .PHONY: bench-replay
 bench-replay: infra-up ## `ledger replay projections` events/s as a ratio to raw consume of the same log (release build)
 	cargo build --release -p ledger

@@ -67,9 +67,10 @@ impl Projector {
                     continue;
                 }
             };
+            let mut weight = rows_of(&first);
             let mut batch = vec![first];
             let deadline = Instant::now() + flush;
-            while batch.len() < self.config.projector.batch_size {
+            while weight < self.config.projector.batch_size {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
@@ -79,7 +80,11 @@ impl Projector {
                 // a moment, it goes. Busy, batches grow to batch_size; quiet,
                 // an event waits for one transaction, not for the interval.
                 match tokio::time::timeout(left.min(IDLE_GAP), self.consumer.recv()).await {
-                    Ok(Ok(m)) => batch.push(m.detach()),
+                    Ok(Ok(m)) => {
+                        let m = m.detach();
+                        weight += rows_of(&m);
+                        batch.push(m);
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "consume failed");
                         break;
@@ -150,6 +155,23 @@ impl Projector {
         );
         Ok(())
     }
+}
+
+/// About how many message rows a record makes: a recipient batch one per
+/// recipient (so that a campaign's batches do not make one transaction of
+/// a hundred thousand rows), any other event one.
+fn rows_of(m: &OwnedMessage) -> usize {
+    use rdkafka::message::Headers;
+    let batch_type = ledger_schemas::EventKind::RecipientBatch.type_name().as_bytes();
+    let is_batch = m
+        .headers()
+        .is_some_and(|h| h.iter().any(|h| h.key == ledger_schemas::HEADER_EVENT_TYPE && h.value == Some(batch_type)));
+    if !is_batch {
+        return 1;
+    }
+    let payload = m.payload().unwrap_or_default();
+    let needle = b"\"address\"";
+    payload.windows(needle.len()).filter(|w| w == needle).count().max(1)
 }
 
 /// What [`apply_records`] did with a batch.

@@ -297,7 +297,8 @@ pub struct SinkConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorConfig {
-    /// Most events in one transaction.
+    /// Most events in one transaction (a recipient batch counts as one per
+    /// recipient: each makes a message row).
     pub batch_size: usize,
     /// Longest a batch waits to fill; it goes earlier when the records stop
     /// coming for 5 ms.

@@ -1,0 +1,235 @@
+//! `make bench-pipeline` (the last part of `make bench`): a 300,000-recipient
+//! campaign with per-recipient variables (BENCH_PIPELINE_RECIPIENTS), from
+//! the first byte of the POST until every message's row is terminal in the
+//! read model, with each role in its own release process (`ledger run
+//! ingest|render|dispatch|project`, the sink provider, governor off), and
+//! each role's peak RSS.
+//!
+//! Then the summary of `make bench`: every stage measured alone (the JSON
+//! the other benchmarks wrote to bench-out/ in this run) as a ratio to its
+//! raw baseline, and end to end as a ratio to the prediction from the
+//! stages: the slowest stage (they run at once) and their sum (one after
+//! the other). Writes bench-out/pipeline.{json,md} and bench-out/summary.md.
+
+use std::time::{Duration, Instant};
+
+use ledger_tests::*;
+use serde_json::{json, Value};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Peak resident memory of a process, from /proc, in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line["VmHWM:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn read_json(name: &str) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(format!("bench-out/{name}.json")).ok()?).ok()
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let recipients: usize =
+        std::env::var("BENCH_PIPELINE_RECIPIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(300_000);
+    let bin = workspace_root().join("target/release/ledger");
+    assert!(bin.exists(), "{} is missing: `cargo build --release -p ledger` (make bench does)", bin.display());
+    std::env::set_var("LEDGER_TEST_BIN", &bin);
+    let mut config = test_config();
+    config.telemetry.log_filter = "warn".into();
+    config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    config.projector = ledger_runtime::config::ProjectorConfig::default();
+    prepare(&config).await.expect("topics and databases");
+    let key = ledger_ok(&config, &["tenants", "create", "acme"]).lines().last().expect("key").trim().to_owned();
+
+    let file = config.sink.dir.parent().expect("dir").join("ledger.toml");
+    let mut roles = Vec::new();
+    for role in ["ingest", "render", "dispatch", "project"] {
+        let child = ledger_command(&file)
+            .env("RUST_LOG", "warn")
+            .args(["run", role])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start a role");
+        roles.push((role, child));
+    }
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", config.http.listen);
+    eventually("the API", Duration::from_secs(60), || async {
+        http.get(format!("{base}/readyz")).send().await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    // Let the consumers join their groups before the clock starts.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let mut body = json!({ "name": "pipeline", "from": "news@example.com",
+        "content": { "subject": "Your November news, {{ name }}",
+                     "text": "Hello {{ name }},\nyour order {{ order }} has shipped.",
+                     "html": "<p>Hello <b>{{ name }}</b>,</p><p>your order {{ order }} has shipped.</p>" } })
+    .to_string();
+    body.push('\n');
+    for i in 0..recipients {
+        body.push_str(
+            &json!({ "address": format!("c{i}@example.com"), "variables": { "name": format!("Customer {i}"), "order": i } })
+                .to_string(),
+        );
+        body.push('\n');
+    }
+    let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 1).await.expect("pool");
+    let ops = ledger_runtime::db::pool(&config.ops_database_url, 1).await.expect("pool");
+    let started = Instant::now();
+    let reply = http
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&key)
+        .header("idempotency-key", "pipeline")
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(reply.status(), 202);
+    let accepted_secs = started.elapsed().as_secs_f64();
+    let intent = uuid::Uuid::parse_str(reply.json::<Value>().await.expect("json")["intent_id"].as_str().expect("id"))
+        .expect("uuid");
+    // When the dispatcher had decided every message (its claims), next to
+    // when the read model showed them all.
+    let mut dispatched_secs = None;
+    let mut last_sample = Instant::now();
+    loop {
+        if dispatched_secs.is_none() && last_sample.elapsed() >= Duration::from_millis(500) {
+            last_sample = Instant::now();
+            let done: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_claims WHERE state = 'done'")
+                .fetch_one(&ops)
+                .await
+                .expect("claims");
+            if done as usize >= recipients {
+                dispatched_secs = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        let terminal: i64 = sqlx::query_scalar(
+            "-- bench::pipeline::terminal
+             SELECT COALESCE(sum(messages), 0)::bigint FROM intent_status_counts
+             WHERE intent_id = $1 AND status IN ('delivered', 'failed', 'suppressed', 'cancelled', 'render_failed', 'dead_lettered')",
+        )
+        .bind(intent)
+        .fetch_one(&reporting)
+        .await
+        .expect("count");
+        if terminal as usize >= recipients {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "only {terminal} of {recipients} terminal after 10 min");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total_secs = started.elapsed().as_secs_f64();
+    let delivered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM messages WHERE intent_id = $1 AND status = 'delivered'")
+            .bind(intent)
+            .fetch_one(&reporting)
+            .await
+            .expect("count");
+    assert_eq!(delivered as usize, recipients, "every recipient delivered");
+    let mut rss = Vec::new();
+    for (role, child) in &mut roles {
+        rss.push((*role, peak_rss_mib(child.id()).unwrap_or(f64::NAN)));
+        let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    }
+    for (_, child) in &mut roles {
+        let _ = child.wait();
+    }
+    let rate = recipients as f64 / total_secs;
+
+    let mut md = format!(
+        "| end to end: {recipients}-recipient campaign (NDJSON, per-recipient variables) | value |\n|---|---:|\n\
+         | accepted (202) after | {accepted_secs:.2} s |\n\
+         | every message decided by the dispatcher (claims) after | {} s |\n\
+         | every row terminal in the read model after | {total_secs:.2} s |\n\
+         | messages/s end to end | {rate:.0} (target 20,000; stretch 50,000) |\n",
+        dispatched_secs.map(|s| format!("{s:.2}")).unwrap_or_else(|| "(with the read model)".into())
+    );
+    for (role, mib) in &rss {
+        md += &format!("| peak RSS, `ledger run {role}` | {mib:.0} MiB |\n");
+    }
+
+    // The stages measured alone in this run (messages/s).
+    let mut stages: Vec<(&str, f64, f64, &str)> = Vec::new();
+    if let Some(v) = read_json("ingest") {
+        if let Some(row) = v["rows"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["form"].as_str().is_some_and(|f| f.starts_with("campaign"))))
+        {
+            stages.push((
+                "ingest (campaign, NDJSON)",
+                row["recipients_per_s"].as_f64().unwrap_or(0.0),
+                row["ratio"].as_f64().unwrap_or(0.0),
+                "raw produce",
+            ));
+        }
+    }
+    if let Some(v) = read_json("render") {
+        stages.push((
+            "render",
+            v["render_per_s"].as_f64().unwrap_or(0.0),
+            v["ratio"].as_f64().unwrap_or(0.0),
+            "raw consume + produce",
+        ));
+    }
+    if let Some(v) = read_json("deliver") {
+        stages.push((
+            "dispatch → sink (governor off)",
+            v["dispatch_per_s"].as_f64().unwrap_or(0.0),
+            v["ratio"].as_f64().unwrap_or(0.0),
+            "raw consume",
+        ));
+    }
+    if let Some(v) = read_json("project") {
+        // Rows written per message in its run: messages/s from rows/s.
+        let rows = v["row_writes"].as_f64().unwrap_or(1.0);
+        let per_s = v["projection_rows_per_s"].as_f64().unwrap_or(0.0) * 100_000.0 / rows.max(1.0);
+        stages.push(("project", per_s, v["ratio"].as_f64().unwrap_or(0.0), "binary COPY"));
+    }
+    let mut summary =
+        String::from("| stage alone | messages/s | ratio to its raw baseline | baseline |\n|---|---:|---:|---|\n");
+    for (name, per_s, ratio, baseline) in &stages {
+        summary += &format!("| {name} | {per_s:.0} | {ratio:.2} | {baseline} |\n");
+    }
+    let slowest = stages.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+    let sequential = 1.0 / stages.iter().map(|s| 1.0 / s.1.max(1e-9)).sum::<f64>();
+    let complete = stages.len() == 4;
+    if complete {
+        summary += &format!(
+            "| **end to end** | **{rate:.0}** | {:.2} of the slowest stage ({slowest:.0}/s, all stages at once); {:.2} of their sum ({sequential:.0}/s, one after the other) | target ≥ 0.8 of the prediction |\n",
+            rate / slowest,
+            rate / sequential
+        );
+    } else {
+        summary += &format!("| **end to end** | **{rate:.0}** | (run `make bench` for the stages) | |\n");
+    }
+    let out = format!("{md}\n{summary}");
+    println!("\npipeline benchmark:\n\n{out}");
+    std::fs::create_dir_all("bench-out").expect("bench-out");
+    std::fs::write("bench-out/pipeline.md", &md).expect("write");
+    std::fs::write("bench-out/summary.md", &out).expect("write");
+    std::fs::write(
+        "bench-out/pipeline.json",
+        serde_json::to_string_pretty(&json!({
+            "recipients": recipients, "accepted_seconds": accepted_secs, "terminal_seconds": total_secs,
+            "messages_per_s": rate,
+            "peak_rss_mib": rss.iter().map(|(r, m)| (r.to_string(), json!(m))).collect::<serde_json::Map<_, _>>(),
+            "stages": stages.iter().map(|(n, r, q, b)| json!({ "stage": n, "messages_per_s": r, "ratio": q, "baseline": b })).collect::<Vec<_>>(),
+            "ratio_to_slowest_stage": if complete { json!(rate / slowest) } else { Value::Null },
+            "ratio_to_sum_of_stages": if complete { json!(rate / sequential) } else { Value::Null },
+            "measured_at": chrono::Utc::now() }))
+        .expect("json"),
+    )
+    .expect("write");
+    reporting.close().await;
+    drop_databases(&config).await;
+}
