@@ -102,7 +102,7 @@ bench: infra-up ## Every benchmark in one run: raw baselines, each stage alone, 
 	cargo build --release -p ledger -p ledger-tests --bins
 	$(WITH_ENV) target/release/bench-ingest
 	$(WITH_ENV) target/release/bench-render
-	$(WITH_ENV) BENCH_THROUGHPUT_ONLY=$${BENCH_THROUGHPUT_ONLY:-} target/release/bench-deliver
+	$(WITH_ENV) target/release/bench-deliver
 	$(WITH_ENV) target/release/bench-project
 	$(WITH_ENV) target/release/bench-replay
 	$(WITH_ENV) target/release/bench-pipeline

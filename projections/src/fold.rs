@@ -85,6 +85,33 @@ pub fn supersedes(new: Status, new_attempt: i32, current: Status, current_attemp
     (new_attempt, new.rank(), new.as_str()) > (current_attempt, current.rank(), current.as_str())
 }
 
+/// Each message's status as the folds decide it, without the rest of its
+/// row: what the tooling checks a read model against.
+#[derive(Debug, Default)]
+pub struct StatusTally(pub HashMap<MessageId, (Status, i32)>);
+
+impl StatusTally {
+    pub fn add(&mut self, p: &MessagePatch) {
+        self.0
+            .entry(p.message_id)
+            .and_modify(|(s, a)| {
+                if supersedes(p.status, p.status_attempt, *s, *a) {
+                    (*s, *a) = (p.status, p.status_attempt);
+                }
+            })
+            .or_insert((p.status, p.status_attempt));
+    }
+
+    /// Messages by status name.
+    pub fn counts(&self) -> std::collections::BTreeMap<String, i64> {
+        let mut out = std::collections::BTreeMap::new();
+        for (s, _) in self.0.values() {
+            *out.entry(s.as_str().to_owned()).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
 /// The status attempt of what the recipient's side reports: above every
 /// attempt, as the report is about the message whichever attempt sent it.
 pub const FEEDBACK_ATTEMPT: i32 = i32::MAX;

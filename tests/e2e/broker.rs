@@ -47,8 +47,9 @@ fn read_from(config: &ledger_runtime::Config, topic: &str, start: i64, want: usi
     got
 }
 
-#[tokio::test]
-async fn a_fetch_from_the_middle_of_a_record_batch_gets_every_record_from_there() {
+/// A topic of its own whose partition 0 holds offsets 0-5 in one record
+/// batch and 6-8 in another.
+async fn two_batches() -> (ledger_runtime::Config, String) {
     let mut config = test_config();
     // Long enough for each group of sends to go as one batch.
     config.kafka.linger_ms = 50;
@@ -56,6 +57,12 @@ async fn a_fetch_from_the_middle_of_a_record_batch_gets_every_record_from_there(
     let topic = config.topic(Topic::Rendered);
     produce_batch(&config, &topic, 0..6).await;
     produce_batch(&config, &topic, 6..9).await;
+    (config, topic)
+}
+
+#[tokio::test]
+async fn a_fetch_from_the_middle_of_a_record_batch_gets_every_record_from_there() {
+    let (config, topic) = two_batches().await;
     assert_eq!(read_from(&config, &topic, 0, 9), (0..9).collect::<Vec<_>>());
     // What a consumer does after every restart and rebalance: resume from a
     // committed offset, which may fall inside a batch.
@@ -66,12 +73,7 @@ async fn a_fetch_from_the_middle_of_a_record_batch_gets_every_record_from_there(
 
 #[tokio::test]
 async fn the_end_of_a_partition_is_its_high_watermark_after_a_batch_of_several_records() {
-    let mut config = test_config();
-    config.kafka.linger_ms = 50;
-    prepare(&config).await.expect("prepare");
-    let topic = config.topic(Topic::Rendered);
-    produce_batch(&config, &topic, 0..6).await;
-    produce_batch(&config, &topic, 6..9).await;
+    let (config, topic) = two_batches().await;
     // What a reader that stops at the end asks for (the replay tooling).
     let consumer: BaseConsumer =
         ClientConfig::new().set("bootstrap.servers", &config.kafka.brokers).create().expect("consumer");

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use ledger_projections::fold::{self, supersedes};
-use ledger_projections::{Fold, Status};
+use ledger_projections::fold::{self, StatusTally};
+use ledger_projections::Fold;
 use ledger_runtime::Config;
 use ledger_schemas::{Event, EventBody, IntentId, MessageId, Topic};
 use rdkafka::message::OwnedMessage;
@@ -279,18 +279,9 @@ pub async fn intent(config: &Config, id: Uuid) -> anyhow::Result<()> {
     println!("history on the log (intents topic, {} events):", events.len());
     print_history(&mut events);
     let mut by_type: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut status: std::collections::HashMap<MessageId, (Status, i32)> = Default::default();
+    let mut status = StatusTally::default();
     for l in events.iter().chain(messages.iter()) {
-        for p in fold::patches(&l.event) {
-            status
-                .entry(p.message_id)
-                .and_modify(|(s, a)| {
-                    if supersedes(p.status, p.status_attempt, *s, *a) {
-                        (*s, *a) = (p.status, p.status_attempt);
-                    }
-                })
-                .or_insert((p.status, p.status_attempt));
-        }
+        fold::patches(&l.event).iter().for_each(|p| status.add(p));
     }
     for l in &messages {
         *by_type.entry(l.event.kind().type_name()).or_default() += 1;
@@ -299,10 +290,7 @@ pub async fn intent(config: &Config, id: Uuid) -> anyhow::Result<()> {
     for (t, n) in &by_type {
         println!("  {t:<28} {n}");
     }
-    let mut from_log: BTreeMap<String, i64> = BTreeMap::new();
-    for (s, _) in status.values() {
-        *from_log.entry(s.as_str().to_owned()).or_default() += 1;
-    }
+    let from_log = status.counts();
     println!("read model:");
     match &row {
         Some(r) => println!("  {r}"),

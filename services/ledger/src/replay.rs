@@ -18,11 +18,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use ledger_projections::fold::supersedes;
+use ledger_projections::fold::StatusTally;
 use ledger_projections::store::{self, PartitionOffset};
-use ledger_projections::{Fold, Status};
+use ledger_projections::Fold;
 use ledger_runtime::Config;
-use ledger_schemas::{ConsumerGroup, Event, EventId, IntentId, MessageId};
+use ledger_schemas::{ConsumerGroup, Event, EventId, IntentId};
 use rdkafka::Message;
 use sqlx::PgPool;
 
@@ -72,7 +72,7 @@ async fn schema_exists(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
 /// rebuild folded, independently of the database.
 #[derive(Default)]
 struct Tally {
-    messages: HashMap<MessageId, (Status, i32)>,
+    messages: StatusTally,
     intents: HashSet<IntentId>,
     dead_letters: HashSet<EventId>,
     records: u64,
@@ -84,26 +84,9 @@ struct Tally {
 impl Tally {
     /// Takes in a window's fold, before it is written.
     fn see(&mut self, window: &Fold) {
-        for p in window.messages.values() {
-            self.messages
-                .entry(p.message_id)
-                .and_modify(|(s, a)| {
-                    if supersedes(p.status, p.status_attempt, *s, *a) {
-                        (*s, *a) = (p.status, p.status_attempt);
-                    }
-                })
-                .or_insert((p.status, p.status_attempt));
-        }
+        window.messages.values().for_each(|p| self.messages.add(p));
         self.intents.extend(window.intents.keys().copied());
         self.dead_letters.extend(window.dead_letters.iter().map(|d| EventId(d.event_id)));
-    }
-
-    fn statuses(&self) -> BTreeMap<String, i64> {
-        let mut out = BTreeMap::new();
-        for (s, _) in self.messages.values() {
-            *out.entry(s.as_str().to_owned()).or_insert(0) += 1;
-        }
-        out
     }
 }
 
@@ -320,7 +303,7 @@ async fn verify(pool: &PgPool, tally: &Tally) -> anyhow::Result<Vec<Check>> {
     let count = |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await };
     checks.push(Check {
         what: "messages".into(),
-        log: tally.messages.len() as i64,
+        log: tally.messages.0.len() as i64,
         read_model: count("-- ledger::replay::verify (messages)\nSELECT count(*) FROM messages").await?,
     });
     checks.push(Check {
@@ -349,7 +332,7 @@ async fn verify(pool: &PgPool, tally: &Tally) -> anyhow::Result<Vec<Check>> {
     .await?
     .into_iter()
     .collect();
-    let expected = tally.statuses();
+    let expected = tally.messages.counts();
     let mut names: Vec<&String> = expected.keys().chain(by_status.keys()).chain(rolled_up.keys()).collect();
     names.sort();
     names.dedup();
