@@ -5,6 +5,7 @@ mod broker;
 mod delivery;
 mod feedback;
 mod foundation;
+mod hostile;
 mod ingest;
 mod observability;
 mod projection;

@@ -6,12 +6,13 @@
 //! is the idempotency key claimed and the spool produced as bounded
 //! recipient batches. A refused campaign produces nothing.
 
+use crate::request::Segment;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::StreamExt;
@@ -38,7 +39,7 @@ pub async fn submit(State(state): State<Arc<AppState>>, request: Request) -> Res
     campaign(&state, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>, request: Request) -> Response {
+pub async fn cancel(State(state): State<Arc<AppState>>, Segment(id): Segment, request: Request) -> Response {
     cancel_intent(&state, &id, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 

@@ -16,10 +16,11 @@
 //! settles a message held as ambiguous (it arrived). Reports about messages this
 //! ledger does not know are counted and dropped, not retried forever.
 
+use crate::request::Segment;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -368,7 +369,7 @@ pub fn push(config: &FeedbackConfig, body: &[u8]) -> Result<Parsed, ApiError> {
     })
 }
 
-pub async fn receive(State(state): State<Arc<AppState>>, Path(source): Path<String>, request: Request) -> Response {
+pub async fn receive(State(state): State<Arc<AppState>>, Segment(source): Segment, request: Request) -> Response {
     receive_inner(&state, &source, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 

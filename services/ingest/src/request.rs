@@ -98,3 +98,19 @@ pub fn canonical_hash(bytes: &[u8]) -> Result<Vec<u8>, ApiError> {
     let canonical = serde_json::to_vec(&value).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Sha256::digest(&canonical).to_vec())
 }
+
+/// One path parameter. A segment that is not valid percent-encoded UTF-8
+/// names nothing here: a 404 problem+json, where axum's own rejection would
+/// be a plain-text 400.
+pub struct Segment(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Segment {
+    type Rejection = crate::problem::ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(segment)) => Ok(Segment(segment)),
+            Err(_) => Err(crate::problem::ApiError::NotFound),
+        }
+    }
+}

@@ -2,9 +2,10 @@
 //! model, which is eventually consistent (the projector folds the log into
 //! it within moments, not within the request).
 
+use crate::request::Segment;
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,11 +17,11 @@ use crate::problem::ApiError;
 use crate::request::authenticate;
 use crate::AppState;
 
-pub async fn intent(State(state): State<Arc<AppState>>, Path(id): Path<String>, request: Request) -> Response {
+pub async fn intent(State(state): State<Arc<AppState>>, Segment(id): Segment, request: Request) -> Response {
     intent_status(&state, &id, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-pub async fn message(State(state): State<Arc<AppState>>, Path(id): Path<String>, request: Request) -> Response {
+pub async fn message(State(state): State<Arc<AppState>>, Segment(id): Segment, request: Request) -> Response {
     message_status(&state, &id, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 

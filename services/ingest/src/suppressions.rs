@@ -6,9 +6,10 @@
 //! `POST /v1/suppressions` adds recipients, `GET` and `DELETE
 //! /v1/suppressions/{recipient}` read and lift one.
 
+use crate::request::Segment;
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -108,7 +109,7 @@ async fn create_inner(state: &AppState, request: Request) -> Result<Response, Ap
         .into_response())
 }
 
-pub async fn show(State(state): State<Arc<AppState>>, Path(recipient): Path<String>, request: Request) -> Response {
+pub async fn show(State(state): State<Arc<AppState>>, Segment(recipient): Segment, request: Request) -> Response {
     show_inner(&state, &recipient, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
@@ -127,7 +128,7 @@ async fn show_inner(state: &AppState, recipient: &str, request: Request) -> Resu
         .into_response())
 }
 
-pub async fn remove(State(state): State<Arc<AppState>>, Path(recipient): Path<String>, request: Request) -> Response {
+pub async fn remove(State(state): State<Arc<AppState>>, Segment(recipient): Segment, request: Request) -> Response {
     remove_inner(&state, &recipient, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 

@@ -3,9 +3,10 @@
 //! the versions. The operational store keeps the registry that assigns
 //! version numbers and resolves "latest" when an intent is accepted.
 
+use crate::request::Segment;
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -27,7 +28,7 @@ pub async fn create(State(state): State<Arc<AppState>>, request: Request) -> Res
     create_template(&state, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-pub async fn list(State(state): State<Arc<AppState>>, Path(name): Path<String>, request: Request) -> Response {
+pub async fn list(State(state): State<Arc<AppState>>, Segment(name): Segment, request: Request) -> Response {
     list_versions(&state, &name, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
