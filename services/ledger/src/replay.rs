@@ -109,10 +109,27 @@ pub async fn projections(config: &Config, o: Options) -> anyhow::Result<()> {
         );
     }
     create(&admin, config, &schema).await?;
-    let pool = ledger_runtime::db::pool_in_schema(&config.reporting_database_url, &schema, WRITERS as u32 + 1).await?;
+    rebuild(config, &o, &admin, &schema).await.with_context(|| {
+        format!("rebuilding into schema {schema} (kept as it is; drop it with `ledger replay drop {schema}`)")
+    })?;
+    if o.swap {
+        let old = swap(config, &schema).await?;
+        println!(
+            "swapped: readers now use the rebuild as {LIVE}; the previous read model is kept as schema {old} \
+             (drop it with `ledger replay drop {old}`)"
+        );
+    } else {
+        println!("schema {schema} is ready; compare it with {LIVE}, or rebuild with --swap to switch readers");
+    }
+    Ok(())
+}
+
+/// Reads the log into the new `schema` and checks it against the log.
+async fn rebuild(config: &Config, o: &Options, admin: &PgPool, schema: &str) -> anyhow::Result<()> {
+    let pool = ledger_runtime::db::pool_in_schema(&config.reporting_database_url, schema, WRITERS as u32 + 1).await?;
 
     // Secondary indexes are built once at the end, not row by row.
-    let indexes = drop_secondary_indexes(&admin, &schema).await?;
+    let indexes = drop_secondary_indexes(admin, schema).await?;
     let spans = log::whole(config, &ledger_projector::TOPICS)?;
     let total: u64 = spans.iter().map(Span::len).sum();
     let what = match o.as_of {
@@ -164,7 +181,7 @@ pub async fn projections(config: &Config, o: Options) -> anyhow::Result<()> {
     flushes += 1;
     let t = Instant::now();
     for definition in &indexes {
-        sqlx::query(&format!("-- ledger::replay::projections (index)\n{definition}")).execute(&admin).await?;
+        sqlx::query(&format!("-- ledger::replay::projections (index)\n{definition}")).execute(admin).await?;
     }
     writing += t.elapsed();
     progress.finish();
@@ -193,16 +210,7 @@ pub async fn projections(config: &Config, o: Options) -> anyhow::Result<()> {
         println!("  {:<32} log {:>10}  read model {:>10}  {mark}", c.what, c.log, c.read_model);
     }
     if failed > 0 {
-        anyhow::bail!("{failed} check(s) differ: schema {schema} is kept for inspection and not swapped");
-    }
-    if o.swap {
-        let old = swap(config, &schema).await?;
-        println!(
-            "swapped: readers now use the rebuild as {LIVE}; the previous read model is kept as schema {old} \
-             (drop it with `ledger replay drop {old}`)"
-        );
-    } else {
-        println!("schema {schema} is ready; compare it with {LIVE}, or rebuild with --swap to switch readers");
+        anyhow::bail!("{failed} check(s) differ from the log: not swapped");
     }
     Ok(())
 }
