@@ -1,7 +1,9 @@
-//! Hostile HTTP input: random and malformed bodies, headers, paths and
-//! sizes against every submitting endpoint of the ingest API. Never a 5xx,
+//! Hostile input. HTTP: random and malformed bodies, headers, paths and
+//! sizes against every submitting endpoint of the ingest API — never a 5xx,
 //! never a dropped connection (a panic), and a refused request produces
-//! nothing on the log.
+//! nothing on the log. Kafka: poison written straight to every topic the
+//! roles consume — each record dead-lettered with its reason, and the
+//! pipeline goes on.
 
 use std::collections::HashSet;
 
@@ -162,5 +164,81 @@ async fn random_and_malformed_requests_never_get_a_5xx_and_a_refused_one_produce
     for e in app.read_topic(Topic::Intents) {
         assert!(accepted.contains(&e.intent_id.to_string()), "{} is on the log but was never accepted", e.intent_id);
     }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_on_every_consumed_topic_is_dead_lettered_with_its_reason_and_the_pipeline_goes_on() {
+    let app = spawn_app().await;
+    let producer = ledger_runtime::kafka::producer(&app.config).expect("producer");
+    let now = chrono::Utc::now().to_rfc3339();
+    let id = uuid::Uuid::new_v4().to_string();
+    let poison: [(&str, Vec<u8>); 3] = [
+        ("garbage", b"\x00\x01not json at all".to_vec()),
+        (
+            "a version no role knows",
+            json!({ "event_id": id, "type": "message.rendered.v9", "data": {}, "tenant_id": "acme",
+                    "intent_id": id, "occurred_at": now, "correlation_id": "poison" })
+            .to_string()
+            .into_bytes(),
+        ),
+        (
+            "missing fields",
+            json!({ "event_id": id, "type": "message.rendered.v1", "data": { "channel": "email" },
+                    "tenant_id": "acme", "intent_id": id, "occurred_at": now, "correlation_id": "poison" })
+            .to_string()
+            .into_bytes(),
+        ),
+    ];
+    // Each consumed by its role: intents (renderer), rendered and retries
+    // (dispatcher), outcomes (projector).
+    let topics = [Topic::Intents, Topic::Rendered, Topic::Retries, Topic::Outcomes];
+    for topic in topics {
+        for (what, payload) in &poison {
+            let name = app.config.topic(topic);
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::to(&name).key(*what).payload(payload),
+                    std::time::Duration::from_secs(5),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("produce poison");
+        }
+    }
+    let reply = app
+        .post(
+            "/v1/messages",
+            Some("after-poison"),
+            &json!({ "to": "after@example.com", "from": "shop@example.com",
+                                                            "content": { "subject": "S", "text": "T" } }),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    app.wait_for_status(reply.body["message_id"].as_str().expect("id"), "delivered").await;
+
+    let mut expected = std::collections::BTreeMap::new();
+    for topic in topics {
+        expected.insert((app.config.topic(topic), "malformed_event".to_owned()), 2i64);
+        expected.insert((app.config.topic(topic), "unknown_event_type".to_owned()), 1i64);
+    }
+    let found = eventually("a dead letter for every poison record", std::time::Duration::from_secs(60), || async {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "-- tests::hostile::dead_letters
+             SELECT source_topic, code, count(*) FROM dead_letters GROUP BY 1, 2",
+        )
+        .fetch_all(&app.reporting)
+        .await
+        .expect("query");
+        let found: std::collections::BTreeMap<(String, String), i64> =
+            rows.into_iter().map(|(t, c, n)| ((t, c), n)).collect();
+        (found == expected).then_some(found)
+    })
+    .await;
+    assert_eq!(found.values().sum::<i64>(), 12);
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM dead_letters").fetch_all(&app.reporting).await.unwrap();
+    assert!(reasons.iter().all(|r| !r.is_empty()), "every dead letter says why: {reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("message.rendered.v9")), "{reasons:?}");
     app.stop().await;
 }
