@@ -8,11 +8,15 @@ if command -v promtool >/dev/null 2>&1; then
   command -v promtool
   exit 0
 fi
-DIR=.local/prometheus
+DIR=$PWD/.local/prometheus
 if [[ ! -x $DIR/usr/bin/promtool ]]; then
   mkdir -p "$DIR/deb"
-  (cd "$DIR/deb" && { apt-get download prometheus >/dev/null 2>&1 ||
-    { (if [[ $(id -u) -eq 0 ]]; then apt-get update -qq; else sudo apt-get update -qq; fi) && apt-get download prometheus >/dev/null; }; })
-  dpkg -x "$(ls "$DIR"/deb/prometheus_*.deb | head -1)" "$DIR"
+  cd "$DIR/deb"
+  if ! apt-get download prometheus >/dev/null 2>&1; then
+    # A machine whose package index is empty or stale.
+    if [[ $(id -u) -eq 0 ]]; then apt-get update -qq; else sudo apt-get update -qq; fi
+    apt-get download prometheus >/dev/null
+  fi
+  dpkg -x "$(ls prometheus_*.deb | head -1)" "$DIR"
 fi
-echo "$PWD/$DIR/usr/bin/promtool"
+echo "$DIR/usr/bin/promtool"

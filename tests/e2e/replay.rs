@@ -101,7 +101,6 @@ async fn a_rebuilt_read_model_equals_the_live_one_and_as_of_gives_the_counts_of_
     app.wait_terminal(&second, 21, Duration::from_secs(60)).await;
 
     let out = ledger_ok(&app.config, &["replay", "projections", "--schema", "rebuilt", "--window", "7"]);
-    eprintln!("{out}");
     assert!(out.contains("checked against the log:") && !out.contains("DIFFERS"), "{out}");
     assert!(out.contains("messages delivered"), "{out}");
     // The live projector may still be applying its last batch.
@@ -264,7 +263,6 @@ async fn redrive_sends_each_failed_message_once_even_when_run_twice_and_a_dry_ru
     // The history of one of them shows both attempts; the log and the read
     // model agree.
     let history = ledger_ok(&app.config, &["inspect", "message", &failed[0]]);
-    eprintln!("{history}");
     let order = [
         "intent.accepted.v1",
         "intent.recipient_batch.v1",

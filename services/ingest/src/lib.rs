@@ -23,7 +23,6 @@ pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -146,13 +145,7 @@ async fn metrics_endpoint() -> impl IntoResponse {
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let db = sqlx::query("-- ingest::ready\nSELECT 1").execute(&state.ops).await.is_ok();
-    let producer = state.producer.clone();
-    let broker = tokio::task::spawn_blocking(move || {
-        use rdkafka::producer::Producer;
-        producer.client().fetch_metadata(None, Duration::from_secs(1)).is_ok()
-    })
-    .await
-    .unwrap_or(false);
+    let broker = ledger_runtime::kafka::broker_answers(&state.producer).await;
     let status = if db && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "database": db, "broker": broker }))).into_response()
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use ledger_runtime::{Config, Shutdown};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::FutureProducer;
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -56,11 +56,7 @@ async fn metrics() -> impl IntoResponse {
 }
 
 async fn ready(State(probe): State<Arc<Probe>>) -> Response {
-    let producer = probe.producer.clone();
-    let broker =
-        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, Duration::from_secs(1)).is_ok())
-            .await
-            .unwrap_or(false);
+    let broker = ledger_runtime::kafka::broker_answers(&probe.producer).await;
     let mut body = serde_json::Map::new();
     body.insert("broker".into(), broker.into());
     let mut ok = broker;

@@ -10,7 +10,7 @@
 //! lets a dispatcher call the provider, so a record sent twice sends once.
 //! Dead-lettered messages go back through `ledger dlq` reprocessing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -95,7 +95,7 @@ pub async fn redrive(config: &Config, o: Options) -> anyhow::Result<()> {
     }
     confirm(config, o.yes, &format!("send {} {status} message(s) again", candidates.len()))?;
     if o.status == RedriveStatus::DeadLettered {
-        let ids: std::collections::HashSet<MessageId> = candidates.iter().map(|c| MessageId(c.message_id)).collect();
+        let ids: HashSet<MessageId> = candidates.iter().map(|c| MessageId(c.message_id)).collect();
         let letters = dlq::letters(config).await?;
         let chosen: Vec<&dlq::Letter> =
             letters.iter().filter(|l| l.event.message_id.is_some_and(|m| ids.contains(&m))).collect();
@@ -173,10 +173,10 @@ async fn rendered_messages(config: &Config, ids: impl Iterator<Item = Uuid>) -> 
     let consumer = log::reader(config)?;
     let name = config.topic(Topic::Rendered);
     let n = log::partitions(&consumer, &name)?;
-    let mut wanted: HashMap<Uuid, ()> = HashMap::new();
+    let mut wanted: HashSet<Uuid> = HashSet::new();
     let mut partitions: Vec<i32> = Vec::new();
     for id in ids {
-        wanted.insert(id, ());
+        wanted.insert(id);
         partitions.push(ledger_runtime::kafka::partition_for(id.to_string().as_bytes(), n));
     }
     partitions.sort();
@@ -189,7 +189,7 @@ async fn rendered_messages(config: &Config, ids: impl Iterator<Item = Uuid>) -> 
         for m in chunk? {
             let Ok(event) = Event::from_json(m.payload().unwrap_or_default()) else { continue };
             let Some(id) = event.message_id.map(|m| m.0) else { continue };
-            if matches!(event.body, EventBody::MessageRendered(_)) && wanted.contains_key(&id) {
+            if matches!(event.body, EventBody::MessageRendered(_)) && wanted.contains(&id) {
                 found.entry(id).or_insert(event);
             }
         }

@@ -236,6 +236,16 @@ pub async fn wait_for_broker(config: &Config, timeout: Duration) -> Result<(), R
     .map_err(|e| RuntimeError::Config(e.to_string()))?
 }
 
+/// Whether the broker answers a metadata request within a second (the
+/// readiness probes).
+pub async fn broker_answers(producer: &FutureProducer) -> bool {
+    use rdkafka::producer::Producer;
+    let producer = producer.clone();
+    tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, Duration::from_secs(1)).is_ok())
+        .await
+        .unwrap_or(false)
+}
+
 /// Builds the record of an event: JSON value, type and correlation headers.
 pub fn headers_for(event: &Event) -> OwnedHeaders {
     OwnedHeaders::new()
