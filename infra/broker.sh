@@ -24,16 +24,19 @@ answers() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 # of a record batch with the batches after it (records are skipped, or a
 # consumer resuming inside the last batch gets nothing at all), and lists
 # the latest offset one short of the high watermark when the newest batch
-# held several records. So the broker is built from crates.io's sources
-# with the small fixes in infra/tansu/ (see infra/tansu/README.md). The
-# stamp beside the binary names the patch it was built with.
-PATCH=infra/tansu/dynostore-offsets.patch
+# held several records; its group coordinator could form a group with
+# nothing assigned to anyone after a member died. So the broker is built
+# from crates.io's sources with the small fixes in infra/tansu/ (see
+# infra/tansu/README.md). The stamp beside the binary names the patches it
+# was built with. Each patch and the crate it applies to:
+PATCHES=(infra/tansu/dynostore-offsets.patch infra/tansu/group-sync.patch)
+PATCHED_CRATES=(tansu-storage tansu-broker)
 # Kept between builds: a changed patch recompiles two crates, not 400.
 TARGET=.local/tansu-target
 BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
 STAMP="$BIN_DIR/tansu.ledger-patch"
 
-patch_id() { sha256sum "$PATCH" | cut -c1-16; }
+patch_id() { cat "${PATCHES[@]}" | sha256sum | cut -c1-16; }
 
 installed() {
   command -v tansu >/dev/null 2>&1 && tansu --version 2>/dev/null | grep -q " $TANSU_VERSION\$" &&
@@ -45,23 +48,27 @@ install() {
   if installed; then
     return
   fi
-  log "building tansu $TANSU_VERSION from crates.io with $PATCH (about 10 minutes on 2 cores)"
+  log "building tansu $TANSU_VERSION from crates.io with ${PATCHES[*]} (about 15 minutes on 2 cores)"
   local started=$SECONDS build=.local/tansu-build cache crate
   rm -rf "$build" && mkdir -p "$build/fetch/src"
-  # The two crates' sources, through cargo: a throwaway package that
+  # The crates' sources, through cargo: a throwaway package that
   # depends on them is fetched, which also fills the cache for the build.
   # (Each with an empty [workspace]: they sit inside this checkout's.)
-  printf '[package]\nname = "fetch-tansu"\nversion = "0.0.0"\nedition = "2021"\n\n[workspace]\n\n[dependencies]\ntansu = "=%s"\ntansu-storage = "=%s"\n' \
-    "$TANSU_VERSION" "$TANSU_VERSION" >"$build/fetch/Cargo.toml"
+  printf '[package]\nname = "fetch-tansu"\nversion = "0.0.0"\nedition = "2021"\n\n[workspace]\n\n[dependencies]\ntansu = "=%s"\ntansu-storage = "=%s"\ntansu-broker = "=%s"\n' \
+    "$TANSU_VERSION" "$TANSU_VERSION" "$TANSU_VERSION" >"$build/fetch/Cargo.toml"
   touch "$build/fetch/src/lib.rs"
   cargo fetch --manifest-path "$build/fetch/Cargo.toml" --quiet
-  for crate in tansu tansu-storage; do
+  for crate in tansu "${PATCHED_CRATES[@]}"; do
     cache=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$TANSU_VERSION.crate" | head -1)
     tar xzf "$cache" -C "$build"
   done
-  patch -d "$build/tansu-storage-$TANSU_VERSION" -p1 --quiet <"$PATCH"
-  printf '\n[workspace]\n\n[patch.crates-io]\ntansu-storage = { path = "../tansu-storage-%s" }\n' "$TANSU_VERSION" \
-    >>"$build/tansu-$TANSU_VERSION/Cargo.toml"
+  printf '\n[workspace]\n\n[patch.crates-io]\n' >>"$build/tansu-$TANSU_VERSION/Cargo.toml"
+  local i
+  for i in "${!PATCHES[@]}"; do
+    crate=${PATCHED_CRATES[$i]}
+    patch -d "$build/$crate-$TANSU_VERSION" -p1 --quiet <"${PATCHES[$i]}"
+    printf '%s = { path = "../%s-%s" }\n' "$crate" "$crate" "$TANSU_VERSION" >>"$build/tansu-$TANSU_VERSION/Cargo.toml"
+  done
   # The crate's own Cargo.lock pins every other dependency, as --locked
   # would; only the patched crate's source changes. The plain build has no
   # storage engine: dynostore gives memory://, libsql gives sqlite://.
