@@ -54,11 +54,22 @@ test-tools: ## What the tests run besides the ledger: an SMTP server and a manif
 test: infra-up compose-check test-tools ## Run the whole test suite against the local broker and PostgreSQL
 	infra/drop-test-databases.sh
 	cargo build -p ledger  # tests run it as a process of its own
-	@if cargo nextest --version >/dev/null 2>&1; then \
-	  $(WITH_ENV) cargo nextest run --workspace --no-fail-fast; \
+	rm -rf target/reliability
+	@rc=0; if cargo nextest --version >/dev/null 2>&1; then \
+	  $(WITH_ENV) cargo nextest run --workspace --no-fail-fast || rc=$$?; \
 	else \
-	  $(WITH_ENV) cargo test --workspace --no-fail-fast; \
-	fi
+	  $(WITH_ENV) cargo test --workspace --no-fail-fast || rc=$$?; \
+	fi; \
+	if [[ -f target/reliability/report.md ]]; then echo; echo "reliability report (target/reliability/report.md):"; cat target/reliability/report.md; fi; \
+	exit $$rc
+
+.PHONY: test-reliability
+test-reliability: infra-up test-tools ## Only the reliability scenarios (kills, broker restart, outages, isolation); prints their report
+	infra/drop-test-databases.sh
+	cargo build -p ledger
+	rm -rf target/reliability
+	@rc=0; $(WITH_ENV) cargo nextest run -p ledger-tests --test reliability --no-fail-fast || rc=$$?; \
+	echo; cat target/reliability/report.md 2>/dev/null; exit $$rc
 
 .PHONY: lint
 lint: ## rustfmt and clippy, warnings as errors
@@ -111,6 +122,17 @@ bench: infra-up ## Every benchmark in one run: raw baselines, each stage alone, 
 bench-pipeline: infra-up ## The 300,000-recipient campaign end to end, each role its own process (release build)
 	cargo build --release -p ledger -p ledger-tests --bin ledger --bin bench-pipeline
 	$(WITH_ENV) target/release/bench-pipeline
+
+.PHONY: test-broker-restart
+test-broker-restart: infra-up ## The broker killed and restarted mid-campaign on tansu's sqlite engine (not in make test: that engine panics under load)
+	cargo build -p ledger
+	@rc=0; $(WITH_ENV) cargo nextest run -p ledger-tests --test reliability --run-ignored only -E 'test(broker_killed)' || rc=$$?; \
+	echo; cat target/reliability/report.md 2>/dev/null; exit $$rc
+
+.PHONY: soak
+soak: infra-up ## Not in CI: every role for SOAK_SECS (600) at 70 % of the last measured end-to-end rate; lag and memory must stay flat
+	cargo build --release -p ledger -p ledger-tests --bin ledger --bin soak
+	$(WITH_ENV) target/release/soak
 
 .PHONY: bench-replay
 bench-replay: infra-up ## `ledger replay projections` events/s as a ratio to raw consume of the same log (release build)

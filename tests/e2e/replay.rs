@@ -30,47 +30,6 @@ async fn campaign(app: &TestApp, key: &str, prefix: &str, n: usize) -> String {
     reply.body["intent_id"].as_str().expect("intent id").to_owned()
 }
 
-/// The tables of the read model whose rows must be the same in two schemas
-/// (roll-up rows that went back to zero are left out: a rebuild that saw
-/// two transitions in one batch never wrote them).
-const TABLES: [(&str, &str); 9] = [
-    ("messages", "TRUE"),
-    ("intents", "TRUE"),
-    ("intent_cancellations", "TRUE"),
-    ("dead_letters", "TRUE"),
-    ("delivery_attempts", "TRUE"),
-    ("intent_status_counts", "messages <> 0"),
-    ("tenant_hourly", "messages <> 0"),
-    ("identity_hourly", "messages <> 0"),
-    ("(SELECT consumer, topic, partition, next_offset FROM {s}.projector_offsets) AS", "TRUE"),
-];
-
-/// Rows of `a` not in `b` and of `b` not in `a`, per table.
-async fn differences(pool: &PgPool, a: &str, b: &str) -> Vec<(String, i64)> {
-    let mut out = Vec::new();
-    for (table, filter) in TABLES {
-        let from = |s: &str| {
-            if table.starts_with('(') {
-                format!("{} t WHERE {filter}", table.replace("{s}", s))
-            } else {
-                format!("{s}.{table} WHERE {filter}")
-            }
-        };
-        let sql = format!(
-            "-- tests::replay::differences
-             SELECT count(*) FROM ((SELECT * FROM {} EXCEPT ALL SELECT * FROM {})
-                                   UNION ALL (SELECT * FROM {} EXCEPT ALL SELECT * FROM {})) d",
-            from(a),
-            from(b),
-            from(b),
-            from(a)
-        );
-        let n: i64 = sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-        out.push((table.split_whitespace().last().unwrap_or(table).to_owned(), n));
-    }
-    out
-}
-
 async fn status_counts(pool: &PgPool, schema: &str) -> std::collections::BTreeMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>(&format!(
         "-- tests::replay::status_counts\nSELECT status, count(*) FROM {schema}.messages GROUP BY status"
@@ -105,11 +64,11 @@ async fn a_rebuilt_read_model_equals_the_live_one_and_as_of_gives_the_counts_of_
     assert!(out.contains("messages delivered"), "{out}");
     // The live projector may still be applying its last batch.
     let diffs = eventually("the rebuild to equal the live read model", Duration::from_secs(20), || async {
-        let d = differences(&app.reporting, "public", "rebuilt").await;
+        let d = read_model_differences(&app.reporting, "public", "rebuilt").await;
         d.iter().all(|(_, n)| *n == 0).then_some(d)
     })
     .await;
-    assert_eq!(diffs.len(), TABLES.len());
+    assert_eq!(diffs.len(), READ_MODEL_TABLES.len());
     let rows: i64 = sqlx::query_scalar("-- tests::replay::rows\nSELECT count(*) FROM rebuilt.messages")
         .fetch_one(&app.reporting)
         .await
@@ -285,7 +244,7 @@ async fn redrive_sends_each_failed_message_once_even_when_run_twice_and_a_dry_ru
     // A rebuild after the redrive equals the live read model, roll-ups too.
     let out = ledger_ok(&app.config, &["replay", "projections", "--schema", "after_redrive"]);
     assert!(!out.contains("DIFFERS"), "{out}");
-    let diffs = differences(&app.reporting, "public", "after_redrive").await;
+    let diffs = read_model_differences(&app.reporting, "public", "after_redrive").await;
     assert!(diffs.iter().all(|(_, n)| *n == 0), "{diffs:?}");
     let failed_hourly: i64 = sqlx::query_scalar(
         "-- tests::replay::failed_hourly\nSELECT COALESCE(sum(messages), 0)::bigint FROM tenant_hourly WHERE status = 'failed'",
