@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ledger_tests::*;
 
-use crate::common::{check, wait_ready, wait_settled, Moments, Received};
+use crate::common::{check, start, wait_settled, Moments, Received, Started};
 
 /// A tansu broker of the test's own on `port`, storing in `dir/ledger.db`.
 struct Broker {
@@ -101,13 +101,7 @@ async fn the_broker_killed_and_restarted_mid_campaign_loses_nothing() {
     config.sink.latency_ms = 5;
     config.dispatcher.claim_lease_secs = 3;
     config.dispatcher.provider_timeout_ms = 2_000;
-    prepare(&config).await.expect("topics and databases");
-    let api_key = ledger_ok(&config, &["tenants", "create", "acme"]).lines().last().expect("key").trim().to_owned();
-    let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
-    let mut roles = Roles::start(config.clone(), &ROLES);
-    let http = reqwest::Client::new();
-    let base = roles.base_url();
-    wait_ready(&http, &base).await;
+    let Started { mut roles, api_key, reporting, http, base } = start(&config).await;
     let (intent, _) = submit_until_accepted(
         &http,
         &base,

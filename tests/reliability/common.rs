@@ -55,6 +55,27 @@ pub fn topic_end(config: &Config, topic: Topic) -> i64 {
         .sum()
 }
 
+/// A scenario under way: topics and databases prepared, tenant `acme`
+/// created with the CLI, every role started as a process, the API ready.
+pub struct Started {
+    pub roles: Roles,
+    pub api_key: String,
+    pub reporting: PgPool,
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+pub async fn start(config: &Config) -> Started {
+    prepare(config).await.expect("topics and databases");
+    let api_key = ledger_ok(config, &["tenants", "create", "acme"]).lines().last().expect("key").trim().to_owned();
+    let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+    let roles = Roles::start(config.clone(), &ROLES);
+    let http = reqwest::Client::new();
+    let base = roles.base_url();
+    wait_ready(&http, &base).await;
+    Started { roles, api_key, reporting, http, base }
+}
+
 pub async fn wait_ready(http: &reqwest::Client, base: &str) {
     eventually("the API ready", Duration::from_secs(60), || async {
         http.get(format!("{base}/readyz")).send().await.ok().filter(|r| r.status() == 200)

@@ -113,13 +113,7 @@ async fn the_read_model_stopping_for_30_seconds_stalls_nothing_else_and_is_caugh
     identity.per_second = 400;
     identity.burst = 20;
     config.identities = vec![identity];
-    prepare(&config).await.expect("topics and databases");
-    let api_key = ledger_ok(&config, &["tenants", "create", "acme"]).lines().last().expect("key").trim().to_owned();
-    let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
-    let mut roles = Roles::start(config.clone(), &ROLES);
-    let http = reqwest::Client::new();
-    let base = roles.base_url();
-    wait_ready(&http, &base).await;
+    let Started { mut roles, api_key, reporting, http, base } = start(&config).await;
 
     let (intent, _) = submit_until_accepted(
         &http,
@@ -233,13 +227,7 @@ async fn a_provider_answering_503_for_a_while_is_waited_out_within_the_rate_and_
     config.dispatcher.max_attempts = 12;
     config.dispatcher.retry_backoff_ms = 200;
     config.dispatcher.retry_backoff_max_ms = 3_000;
-    prepare(&config).await.expect("topics and databases");
-    let api_key = ledger_ok(&config, &["tenants", "create", "acme"]).lines().last().expect("key").trim().to_owned();
-    let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
-    let mut roles = Roles::start(config.clone(), &ROLES);
-    let http = reqwest::Client::new();
-    let base = roles.base_url();
-    wait_ready(&http, &base).await;
+    let Started { mut roles, api_key, reporting, http, base } = start(&config).await;
     let (intent, _) = submit_until_accepted(
         &http,
         &base,
