@@ -10,6 +10,7 @@
 
 pub mod campaigns;
 pub mod feedback;
+pub mod linger;
 pub mod messages;
 pub mod openapi;
 pub mod problem;
@@ -116,7 +117,9 @@ impl Ingest {
     /// Serves until `shutdown`; in-flight requests finish first.
     pub async fn run(self, shutdown: Shutdown) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "ingest listening");
-        axum::serve(self.listener, self.router).with_graceful_shutdown(async move { shutdown.wait().await }).await
+        axum::serve(linger::LingeringListener(self.listener), self.router)
+            .with_graceful_shutdown(async move { shutdown.wait().await })
+            .await
     }
 }
 
