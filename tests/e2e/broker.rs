@@ -100,3 +100,88 @@ async fn the_producers_put_a_key_on_the_partition_the_tooling_computes_for_it() 
     }
     drop_databases(&config).await;
 }
+
+/// Kafka offsets of a plain topic have no gaps: a reader following the end
+/// of a partition that several producers (connections) write at once must
+/// see every offset once, in order. tansu 0.6.0 let such a reader step over
+/// a batch that was still being stored while a later one was already
+/// readable (a consumer group then commits past records it never saw), and
+/// repeated a batch within one fetch response (infra/tansu/README.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_following_concurrent_producers_sees_every_offset() {
+    const PRODUCERS: usize = 4;
+    const WAVES: usize = 40;
+    const PER_WAVE: usize = 50;
+    let total = (PRODUCERS * WAVES * PER_WAVE) as i64;
+    let config = test_config();
+    prepare(&config).await.expect("prepare");
+    let topic = config.topic(Topic::Rendered);
+    let reader = {
+        let (brokers, topic) = (config.kafka.brokers.clone(), topic.clone());
+        std::thread::spawn(move || -> Result<i64, String> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", format!("{topic}-follower"))
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", "5")
+                .create()
+                .expect("consumer");
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, 0, Offset::Offset(0)).expect("tpl");
+            consumer.assign(&tpl).expect("assign");
+            let mut next = 0;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while next < total {
+                if Instant::now() > deadline {
+                    return Err(format!("read {next} of {total} offsets in 90 s"));
+                }
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                    if m.offset() != next {
+                        return Err(format!("offset {} came after {} (expected {next})", m.offset(), next - 1));
+                    }
+                    next += 1;
+                }
+            }
+            Ok(next)
+        })
+    };
+    let producers: Vec<_> = (0..PRODUCERS).map(|_| kafka::producer(&config).expect("producer")).collect();
+    let acked = futures::future::join_all(producers.iter().enumerate().map(|(p, producer)| {
+        let topic = topic.clone();
+        async move {
+            let mut acked = Vec::new();
+            for wave in 0..WAVES {
+                let sends = (0..PER_WAVE).map(|i| {
+                    let payload = format!("p{p} w{wave} r{i}");
+                    let topic = topic.clone();
+                    async move {
+                        producer
+                            .send(
+                                FutureRecord::to(&topic).partition(0).key("k").payload(&payload),
+                                Duration::from_secs(10),
+                            )
+                            .await
+                            .map(|d| d.offset)
+                            .map_err(|(e, _)| e)
+                            .expect("acknowledged")
+                    }
+                });
+                acked.extend(futures::future::join_all(sends).await);
+            }
+            acked
+        }
+    }))
+    .await;
+    // Every acknowledged record got an offset of its own.
+    let mut acked: Vec<i64> = acked.into_iter().flatten().collect();
+    acked.sort_unstable();
+    acked.dedup();
+    assert_eq!(
+        (acked.len(), acked.last().copied()),
+        (total as usize, Some(total - 1)),
+        "distinct acknowledged offsets"
+    );
+    let read = tokio::task::spawn_blocking(move || reader.join().expect("reader")).await.expect("join");
+    assert_eq!(read, Ok(total));
+    drop_databases(&config).await;
+}
