@@ -108,34 +108,33 @@ async fn main() {
     drop(conn);
 
     // The projection: each batch folded and applied with its offsets in one
-    // transaction; every message's row is written once per stage.
-    let events = lifecycle_events();
-    let total_events = events.len();
-    let started = Instant::now();
-    let mut row_writes = 0u64;
-    for (n, chunk) in events.chunks(BATCH_EVENTS).enumerate() {
-        let mut fold = Fold::default();
-        chunk.iter().for_each(|e| fold.add(e));
-        let mut tx = pool.begin().await.expect("tx");
-        let parts = vec![("bench.topic".to_owned(), 0)];
-        store::lock_offsets(&mut tx, "bench", &parts).await.expect("lock");
-        row_writes += store::apply(&mut tx, &fold).await.expect("apply").messages;
-        let next = ((n + 1) * BATCH_EVENTS) as i64;
-        store::save_offsets(
-            &mut tx,
-            "bench",
-            &[PartitionOffset { topic: "bench.topic".into(), partition: 0, next_offset: next }],
-        )
-        .await
-        .expect("offsets");
-        tx.commit().await.expect("commit");
+    // transaction; every message's row is written once per stage. Then, if
+    // BENCH_PROJECT_ROUNDS asks for it, more rounds of new campaigns on top:
+    // the write path's rate as the read model grows.
+    let rounds: usize = std::env::var("BENCH_PROJECT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    let mut round_rates = Vec::new();
+    let (mut total_events, mut project_secs, mut row_writes) = (0, 0.0, 0u64);
+    for round in 0..rounds {
+        let events = lifecycle_events();
+        let (writes, secs) = project_round(&pool, &events, round * events.len()).await;
+        let rate = writes as f64 / secs;
+        if rounds > 1 {
+            println!(
+                "round {}: {} messages in the read model after it, {rate:.0} rows/s",
+                round + 1,
+                (round + 1) * MESSAGES
+            );
+        }
+        round_rates.push(rate);
+        if round == 0 {
+            (total_events, project_secs, row_writes) = (events.len(), secs, writes);
+        }
     }
-    let project_secs = started.elapsed().as_secs_f64();
     let delivered: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE status = 'delivered'")
         .fetch_one(&pool)
         .await
         .expect("count");
-    assert_eq!(delivered as usize, MESSAGES);
+    assert_eq!(delivered as usize, MESSAGES * rounds);
 
     let copy_rate = MESSAGES as f64 / copy_secs;
     let project_rate = row_writes as f64 / project_secs;
@@ -145,6 +144,15 @@ async fn main() {
          | projection ({total_events} events, batches of {BATCH_EVENTS}, rows + counts + attempts + offsets per transaction) | {row_writes} | {project_secs:.2} | {project_rate:.0} | {:.2} |\n",
         project_rate / copy_rate
     );
+    let md = match round_rates.as_slice() {
+        [first, .., last] => format!(
+            "{md}| projection, round {rounds} of {rounds} ({} messages in the read model before it) | {row_writes} | – | {last:.0} | {:.2} ({:.2} of round 1) |\n",
+            (rounds - 1) * MESSAGES,
+            last / copy_rate,
+            last / first
+        ),
+        _ => md,
+    };
     pool.close().await;
     drop_databases(&config).await;
 
@@ -165,7 +173,7 @@ async fn main() {
         "bench-out/project.json",
         serde_json::to_string_pretty(&json!({ "copy_rows_per_s": copy_rate, "projection_rows_per_s": project_rate,
             "ratio": project_rate / copy_rate, "events": total_events, "row_writes": row_writes,
-            "lag_p50_s": lag_p50, "lag_p99_s": lag_p99, "lag_events_per_s": paced_rate, "measured_at": Utc::now() }))
+            "lag_p50_s": lag_p50, "lag_p99_s": lag_p99, "round_rows_per_s": round_rates, "lag_events_per_s": paced_rate, "measured_at": Utc::now() }))
         .expect("json"),
     )
     .expect("write");
@@ -286,4 +294,29 @@ async fn lag(rate: f64) -> (f64, f64, f64) {
     reporting.close().await;
     drop_databases(&config).await;
     (at(0.5), at(0.99), achieved)
+}
+
+/// One round of the write path over `events`: batches folded and applied
+/// with their offsets, one transaction each. Returns (row writes, seconds).
+async fn project_round(pool: &sqlx::PgPool, events: &[Event], offset_base: usize) -> (u64, f64) {
+    let started = Instant::now();
+    let mut row_writes = 0u64;
+    for (n, chunk) in events.chunks(BATCH_EVENTS).enumerate() {
+        let mut fold = Fold::default();
+        chunk.iter().for_each(|e| fold.add(e));
+        let mut tx = pool.begin().await.expect("tx");
+        let parts = vec![("bench.topic".to_owned(), 0)];
+        store::lock_offsets(&mut tx, "bench", &parts).await.expect("lock");
+        row_writes += store::apply(&mut tx, &fold).await.expect("apply").messages;
+        let next = (offset_base + (n + 1) * BATCH_EVENTS) as i64;
+        store::save_offsets(
+            &mut tx,
+            "bench",
+            &[PartitionOffset { topic: "bench.topic".into(), partition: 0, next_offset: next }],
+        )
+        .await
+        .expect("offsets");
+        tx.commit().await.expect("commit");
+    }
+    (row_writes, started.elapsed().as_secs_f64())
 }
