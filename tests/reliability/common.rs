@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use ledger_runtime::Config;
 use ledger_schemas::Topic;
 use ledger_tests::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
+use rdkafka::consumer::Consumer;
 use sqlx::PgPool;
 
 /// Recipients of the crash and restart campaigns
@@ -44,11 +43,7 @@ impl Moments {
 
 /// Records on `topic` so far (the sum of its partitions' high watermarks).
 pub fn topic_end(config: &Config, topic: Topic) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", format!("watermarks-{}", uuid::Uuid::new_v4()))
-        .create()
-        .expect("consumer");
+    let consumer = throwaway_consumer(config);
     let name = config.topic(topic);
     (0..topic.partitions())
         .map(|p| consumer.fetch_watermarks(&name, p, Duration::from_secs(5)).map(|(_, h)| h).unwrap_or(0))

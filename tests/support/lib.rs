@@ -305,16 +305,22 @@ pub async fn drop_databases(config: &Config) {
     }
 }
 
-/// Record values on `topic` from the beginning until it has been quiet
-/// for a second. Watermarks are not used: the local broker reports a high
-/// watermark one short when a produce request carried several records.
-pub fn read_topic_raw(config: &Config, topic: Topic) -> Vec<Vec<u8>> {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A consumer in a group of its own that commits nothing: for reading the
+/// log or its watermarks beside the roles, never moving their groups.
+pub fn throwaway_consumer(config: &Config) -> BaseConsumer {
+    ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .create()
-        .expect("consumer");
+        .expect("consumer")
+}
+
+/// Record values on `topic` from the beginning until it has been quiet
+/// for a second. Watermarks are not used: the local broker reports a high
+/// watermark one short when a produce request carried several records.
+pub fn read_topic_raw(config: &Config, topic: Topic) -> Vec<Vec<u8>> {
+    let consumer = throwaway_consumer(config);
     let name = config.topic(topic);
     let mut tpl = TopicPartitionList::new();
     for p in 0..topic.partitions() {

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use ledger_runtime::Config;
 use ledger_schemas::{ConsumerGroup, Topic};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
+use rdkafka::consumer::Consumer;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
@@ -236,11 +235,7 @@ pub async fn projection_caught_up(config: &Config, reporting: &PgPool) -> bool {
     let at: HashMap<(String, i32), i64> = rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.kafka.brokers)
-            .set("group.id", format!("watermarks-{}", uuid::Uuid::new_v4()))
-            .create()
-            .expect("consumer");
+        let consumer = throwaway_consumer(&config);
         for topic in ledger_projector::TOPICS {
             let name = config.topic(topic);
             for p in 0..topic.partitions() {
@@ -271,12 +266,7 @@ pub fn sink_counts(config: &Config) -> HashMap<String, usize> {
 /// accepted, as the log says), read up to each partition's high watermark.
 pub fn rendered_ids(config: &Config, intent: &str) -> std::collections::HashSet<String> {
     use rdkafka::{Message, Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+    let consumer = throwaway_consumer(config);
     let name = config.topic(Topic::Rendered);
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
