@@ -64,7 +64,7 @@ test: infra-up compose-check test-tools ## Run the whole test suite against the 
 	exit $$rc
 
 .PHONY: test-reliability
-test-reliability: infra-up test-tools ## The reliability scenarios (kills, outages, isolation; all but the provider outage also in make test); prints their report
+test-reliability: infra-up test-tools ## The reliability scenarios (kills, outages, isolation; also in make test); prints their report
 	infra/drop-test-databases.sh
 	cargo build -p ledger
 	rm -rf target/reliability

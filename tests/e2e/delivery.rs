@@ -789,3 +789,93 @@ async fn web_push_is_encrypted_for_the_subscription_authorised_with_vapid_and_a_
     app.wait_for_status(&again, "suppressed").await;
     app.stop().await;
 }
+
+/// Drives one governor (its budget in the ops database) with `n` callers
+/// that, between their permission and their call, are held up now and then
+/// — as a claim or an *attempted* event's ack is when the store or the
+/// broker stalls — and returns when each call was made.
+async fn calls_through_a_stalling_path(concurrency: usize, n: usize) -> Vec<std::time::Instant> {
+    use ledger_dispatcher::governor::Governor;
+    use ledger_schemas::Priority;
+
+    let (config, _) = reporting_database().await;
+    let ops = ledger_runtime::db::pool(&config.ops_database_url, 2).await.expect("ops pool");
+    let mut identity = IdentityConfig::new("stalling", ProviderKind::Sink);
+    identity.per_second = 100;
+    identity.burst = 5;
+    identity.concurrency = concurrency;
+    let shutdown = ledger_runtime::Shutdown::new();
+    let governor = Governor::start(&identity, Duration::from_millis(100), ops, shutdown.clone());
+    // Twice a stall of 500 ms on the way from permission to call.
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let stalls = {
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+                let _stalled = gate.write().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let calls = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let mut callers = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (governor, gate, calls) = (governor.clone(), gate.clone(), calls.clone());
+        callers.spawn(async move {
+            let tenant = if i % 2 == 0 { "a" } else { "b" };
+            let permission = governor.acquire(tenant, Priority::Bulk).await.expect("permission");
+            drop(gate.read().await);
+            let permission = governor.fresh(tenant, permission).await;
+            calls.lock().expect("calls").push(std::time::Instant::now());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            drop(permission);
+        });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(done) = callers.join_next().await {
+            done.expect("caller");
+        }
+    })
+    .await;
+    shutdown.trigger();
+    stalls.abort();
+    assert!(all.is_ok(), "every caller got to call within 60 s ({} did)", calls.lock().expect("calls").len());
+    drop_databases(&config).await;
+    let mut calls = calls.lock().expect("calls").clone();
+    calls.sort();
+    calls
+}
+
+/// The most of `times` (sorted) within any `window`.
+fn busiest(times: &[std::time::Instant], window: Duration) -> usize {
+    let (mut most, mut lo) = (0, 0);
+    for hi in 0..times.len() {
+        while times[hi].duration_since(times[lo]) >= window {
+            lo += 1;
+        }
+        most = most.max(hi - lo + 1);
+    }
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_keep_to_the_rate_when_messages_are_held_up_between_permission_and_call() {
+    // 100/s, burst 5, permissions good for 100 ms: any second holds at most
+    // 100 × 1.1 + 5 = 115 calls. Without renewing stale permissions each
+    // stall lets about 50 granted calls out at once (about 150 in a second).
+    let calls = calls_through_a_stalling_path(64, 600).await;
+    assert_eq!(calls.len(), 600);
+    let (one, half) = (busiest(&calls, Duration::from_secs(1)), busiest(&calls, Duration::from_millis(500)));
+    assert!(one <= 120 && half <= 70, "busiest second {one} calls, busiest half second {half} (limit 100/s, burst 5)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_permissions_are_renewed_when_every_call_slot_is_held() {
+    // Two slots, both held by callers whose permission went stale in a
+    // stall: their renewals must not wait for a slot.
+    let calls = calls_through_a_stalling_path(2, 150).await;
+    assert_eq!(calls.len(), 150);
+    let one = busiest(&calls, Duration::from_secs(1));
+    assert!(one <= 120, "busiest second {one} calls (limit 100/s, burst 5)");
+}

@@ -10,23 +10,35 @@
 //! that nobody is left to use is wasted, never lent to a later burst, and
 //! after a restart the budget is where it was: the limit is not exceeded.
 //!
+//! A permission is for a call made now: one not used within the grant's
+//! time to live (`dispatcher.governor_grant_ttl_ms`) — its message waited
+//! for a slot, its claim or its *attempted* event — is given up, and the
+//! message takes a fresh one ahead of every other waiter right before its
+//! call. So calls, not just grants, keep to the rate: any window sees at
+//! most rate × (window + ttl) + burst of them.
+//!
 //! A throttled message waits in the queue; it is never failed or skipped.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use ledger_runtime::{IdentityConfig, Shutdown};
 use ledger_schemas::Priority;
 use sqlx::PgPool;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 pub struct Governor {
     identity: String,
     limits: Option<Limits>,
+    /// How long a permission stays good for a call.
+    ttl: Duration,
+    /// This instance's calls in flight at once: every permission holds one.
+    slots: Arc<Semaphore>,
     queue: Mutex<FairQueue>,
     wake: Notify,
+    shutdown: Shutdown,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -47,21 +59,39 @@ pub struct Grant {
     pub now: DateTime<Utc>,
 }
 
+/// Leave to make one provider call, granted at `granted`, with one of the
+/// identity's call slots (given back when this is dropped).
+pub struct Permission {
+    granted: Instant,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// What the pump hands a waiter: the time of its grant and, unless the
+/// waiter holds one already, a call slot.
+struct Handout {
+    granted: Instant,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+type Waiter = oneshot::Sender<Handout>;
+
 #[derive(Default)]
 struct FairQueue {
-    /// Index 0: transactional, 1: bulk.
-    classes: [TenantRing; 2],
+    /// Index 0: messages about to call whose permission went stale (they
+    /// hold a slot), 1: transactional, 2: bulk.
+    classes: [TenantRing; 3],
     len: usize,
+    renewals: usize,
 }
 
 #[derive(Default)]
 struct TenantRing {
     order: VecDeque<String>,
-    waiting: HashMap<String, VecDeque<oneshot::Sender<()>>>,
+    waiting: HashMap<String, VecDeque<Waiter>>,
 }
 
 impl TenantRing {
-    fn push(&mut self, tenant: &str, waiter: oneshot::Sender<()>) {
+    fn push(&mut self, tenant: &str, waiter: Waiter) {
         let q = self.waiting.entry(tenant.to_owned()).or_default();
         if q.is_empty() {
             self.order.push_back(tenant.to_owned());
@@ -70,7 +100,7 @@ impl TenantRing {
     }
 
     /// The next waiter, one tenant after the other.
-    fn pop(&mut self) -> Option<oneshot::Sender<()>> {
+    fn pop(&mut self) -> Option<Waiter> {
         let tenant = self.order.pop_front()?;
         let q = self.waiting.get_mut(&tenant)?;
         let waiter = q.pop_front();
@@ -84,26 +114,44 @@ impl TenantRing {
 }
 
 impl FairQueue {
-    fn push(&mut self, tenant: &str, priority: Priority, waiter: oneshot::Sender<()>) {
+    fn push(&mut self, tenant: &str, priority: Priority, waiter: Waiter) {
         let class = match priority {
-            Priority::Transactional => 0,
-            Priority::Bulk => 1,
+            Priority::Transactional => 1,
+            Priority::Bulk => 2,
         };
         self.classes[class].push(tenant, waiter);
         self.len += 1;
     }
 
-    fn pop(&mut self) -> Option<oneshot::Sender<()>> {
-        let waiter = self.classes.iter_mut().find_map(TenantRing::pop)?;
+    /// Ahead of everyone: a message whose call is next but whose
+    /// permission went stale.
+    fn push_renewal(&mut self, tenant: &str, waiter: Waiter) {
+        self.classes[0].push(tenant, waiter);
+        self.len += 1;
+        self.renewals += 1;
+    }
+
+    /// The next waiter and whether it needs a slot: renewals first (they
+    /// need none), then the others while `slot_free`.
+    fn pop(&mut self, slot_free: bool) -> Option<(Waiter, bool)> {
+        if let Some(w) = self.classes[0].pop() {
+            self.len -= 1;
+            self.renewals -= 1;
+            return Some((w, false));
+        }
+        if !slot_free {
+            return None;
+        }
+        let w = self.classes[1..].iter_mut().find_map(TenantRing::pop)?;
         self.len -= 1;
-        Some(waiter)
+        Some((w, true))
     }
 }
 
 impl Governor {
     /// The governor of `identity`; with limits, its pump runs until
     /// `shutdown`.
-    pub fn start(identity: &IdentityConfig, ops: PgPool, shutdown: Shutdown) -> Arc<Governor> {
+    pub fn start(identity: &IdentityConfig, ttl: Duration, ops: PgPool, shutdown: Shutdown) -> Arc<Governor> {
         let limited = identity.rate_per_second().is_some() || identity.per_day > 0;
         let limits = limited.then(|| Limits {
             interval: identity.rate_per_second().map(|r| chrono::Duration::nanoseconds((1e9 / r).round() as i64)),
@@ -113,8 +161,11 @@ impl Governor {
         let governor = Arc::new(Governor {
             identity: identity.name.clone(),
             limits,
+            ttl,
+            slots: Arc::new(Semaphore::new(identity.concurrency)),
             queue: Mutex::new(FairQueue::default()),
             wake: Notify::new(),
+            shutdown: shutdown.clone(),
         });
         if let Some(limits) = limits {
             let g = governor.clone();
@@ -123,56 +174,128 @@ impl Governor {
         governor
     }
 
-    /// Waits for this identity's permission to make one provider call.
-    /// Returns `false` if the governor stopped (shutting down).
-    pub async fn acquire(&self, tenant: &str, priority: Priority) -> bool {
+    /// Waits for this identity's permission to make one provider call and
+    /// a slot to make it in; who is served first is the fair queue's
+    /// decision, and a rate-limited identity grants no call before a slot
+    /// is free for it. `None` when shutting down.
+    pub async fn acquire(&self, tenant: &str, priority: Priority) -> Option<Permission> {
         if self.limits.is_none() {
-            return true;
+            let slot = tokio::select! {
+                slot = self.slots.clone().acquire_owned() => slot.ok()?,
+                _ = self.shutdown.wait() => return None,
+            };
+            return Some(Permission { granted: Instant::now(), _slot: slot });
         }
+        let handout = self.wait(|q, tx| q.push(tenant, priority, tx)).await?;
+        Some(Permission { granted: handout.granted, _slot: handout.slot? })
+    }
+
+    /// The permission to call now: `permission` if it is still fresh,
+    /// otherwise a new one, ahead of every other waiter (the old one is
+    /// given up). The last thing before the call, whose *attempted* event
+    /// is on the log: if the governor stops meanwhile (shutting down) the
+    /// call goes on the old one rather than leave the message ambiguous.
+    pub async fn fresh(&self, tenant: &str, permission: Permission) -> Permission {
+        if self.limits.is_none() || permission.granted.elapsed() <= self.ttl {
+            return permission;
+        }
+        metrics::counter!("ledger_governor_permissions_renewed_total", "identity" => self.identity.clone())
+            .increment(1);
+        match self.wait(|q, tx| q.push_renewal(tenant, tx)).await {
+            Some(handout) => Permission { granted: handout.granted, _slot: permission._slot },
+            None => permission,
+        }
+    }
+
+    /// The permission is being used: how long it took from grant to call.
+    pub fn used(&self, permission: &Permission) {
+        if self.limits.is_some() {
+            metrics::histogram!("ledger_governor_grant_to_call_seconds", "identity" => self.identity.clone())
+                .record(permission.granted.elapsed().as_secs_f64());
+        }
+    }
+
+    async fn wait(&self, enqueue: impl FnOnce(&mut FairQueue, Waiter)) -> Option<Handout> {
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.push(tenant, priority, tx);
+            if self.shutdown.is_triggered() {
+                return None;
+            }
+            enqueue(&mut q, tx);
             metrics::gauge!("ledger_governor_waiting", "identity" => self.identity.clone()).set(q.len as f64);
         }
         self.wake.notify_one();
-        let started = std::time::Instant::now();
-        let granted = rx.await.is_ok();
+        let started = Instant::now();
+        let handout = tokio::select! {
+            h = rx => h.ok(),
+            _ = self.shutdown.wait() => None,
+        };
         metrics::histogram!("ledger_governor_wait_seconds", "identity" => self.identity.clone())
             .record(started.elapsed().as_secs_f64());
-        granted
+        handout
     }
 
     /// Hands a permission that turned out not to be needed (the message was
     /// claimed elsewhere meanwhile) to the next waiter, so that duplicates
-    /// seen after a rebalance do not eat the budget.
-    pub fn pass_on(&self) {
-        if self.limits.is_none() {
+    /// seen after a rebalance do not eat the budget. It keeps its grant
+    /// time: stale, it is dropped.
+    pub fn pass_on(&self, permission: Permission) {
+        if self.limits.is_none() || permission.granted.elapsed() > self.ttl {
             return;
         }
+        let granted = permission.granted;
+        let mut slot = Some(permission._slot);
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(waiter) = q.pop() {
-            if waiter.send(()).is_ok() {
-                return;
+        while let Some((waiter, needs_slot)) = q.pop(slot.is_some()) {
+            let handout = Handout { granted, slot: if needs_slot { slot.take() } else { None } };
+            match waiter.send(handout) {
+                Ok(()) => return,
+                Err(back) => slot = slot.or(back.slot),
             }
         }
         // Nobody waiting here: the call is lost, never saved up.
     }
 
-    fn waiting(&self) -> usize {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len
+    /// Waiting messages, and among them renewals.
+    fn waiting(&self) -> (usize, usize) {
+        let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        (q.len, q.renewals)
     }
 
     async fn pump(self: Arc<Self>, limits: Limits, ops: PgPool, shutdown: Shutdown) {
         let identity = self.identity.clone();
+        // Slots taken for calls not yet granted; kept for the next round.
+        let mut slots: Vec<OwnedSemaphorePermit> = Vec::new();
         loop {
-            while self.waiting() == 0 {
+            let (waiting, renewals) = self.waiting();
+            if waiting == 0 {
                 tokio::select! {
                     _ = shutdown.wait() => return self.close(),
-                    _ = self.wake.notified() => {}
+                    _ = self.wake.notified() => continue,
                 }
             }
-            let want = (self.waiting() as u32).min(limits.burst).max(1);
+            // A slot for each waiter that needs one, up to a burst; no
+            // budget is reserved for calls that could not be made.
+            let wanted_slots = (waiting - renewals).min(limits.burst as usize);
+            while slots.len() < wanted_slots {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(slot) => slots.push(slot),
+                    Err(_) => break,
+                }
+            }
+            if renewals == 0 && slots.is_empty() {
+                tokio::select! {
+                    _ = shutdown.wait() => return self.close(),
+                    // A renewal needs no slot: look again.
+                    _ = self.wake.notified() => continue,
+                    slot = self.slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slots.push(slot),
+                        Err(_) => return self.close(),
+                    },
+                }
+            }
+            let want = ((renewals + slots.len()) as u32).min(limits.burst).max(1);
             let grant = match reserve(&ops, &identity, limits, want).await {
                 Ok(g) => g,
                 Err(e) => {
@@ -190,12 +313,15 @@ impl Governor {
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
+            let granted = Instant::now();
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             let mut given = 0;
             while given < grant.calls {
-                let Some(waiter) = q.pop() else { break };
-                if waiter.send(()).is_ok() {
-                    given += 1;
+                let Some((waiter, needs_slot)) = q.pop(!slots.is_empty()) else { break };
+                let slot = if needs_slot { slots.pop() } else { None };
+                match waiter.send(Handout { granted, slot }) {
+                    Ok(()) => given += 1,
+                    Err(back) => slots.extend(back.slot),
                 }
             }
             metrics::counter!("ledger_governor_calls_granted_total", "identity" => identity.clone())
@@ -204,10 +330,10 @@ impl Governor {
         }
     }
 
-    /// Drops every waiter: their `acquire` returns `false`.
+    /// Drops every waiter: their `acquire` returns `None`.
     fn close(&self) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        while q.pop().is_some() {}
+        while q.pop(true).is_some() {}
     }
 }
 
@@ -345,8 +471,8 @@ mod tests {
             rx.push((tenant, priority, r));
         }
         let mut order = Vec::new();
-        while let Some(w) = q.pop() {
-            w.send(()).expect("send");
+        while let Some((w, _)) = q.pop(true) {
+            assert!(w.send(Handout { granted: Instant::now(), slot: None }).is_ok(), "send");
             let i = rx.iter_mut().position(|(_, _, r)| r.try_recv().is_ok()).expect("one woke");
             let (t, _, _) = rx.remove(i);
             order.push(t);

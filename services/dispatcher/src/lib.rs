@@ -55,7 +55,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::claims::{ClaimFor, Claims, Look, LookFor, OutcomeFor};
-use crate::governor::Governor;
+use crate::governor::{Governor, Permission};
 use crate::offsets::Offsets;
 use crate::provider::{Delivery, Provider, ProviderError};
 
@@ -84,12 +84,12 @@ pub struct Dispatcher {
     instance: String,
 }
 
-/// A sender identity at work: its provider, governor and call slots.
+/// A sender identity at work: its provider and its governor (which hands
+/// out its call slots too).
 struct Identity {
     config: IdentityConfig,
     provider: Arc<dyn Provider>,
     governor: Arc<Governor>,
-    slots: Semaphore,
 }
 
 struct Inner {
@@ -236,8 +236,12 @@ impl Dispatcher {
             .providers
             .into_iter()
             .map(|(config, provider)| Identity {
-                governor: Governor::start(&config, self.governor_pool.clone(), shutdown.clone()),
-                slots: Semaphore::new(config.concurrency),
+                governor: Governor::start(
+                    &config,
+                    Duration::from_millis(self.config.dispatcher.governor_grant_ttl_ms),
+                    self.governor_pool.clone(),
+                    shutdown.clone(),
+                ),
                 config,
                 provider,
             })
@@ -590,20 +594,14 @@ impl Inner {
                 self.record_final(event, id, self.outcome(event, id, "failed", attempt, body), "failed").await?;
                 continue;
             };
-            if !identity.governor.acquire(tenant, message.priority).await {
+            // The permission comes with a call slot, held until the call ends.
+            let Some(permission) = identity.governor.acquire(tenant, message.priority).await else {
                 return Err(DispatchError::Shutdown);
-            }
+            };
             // Stopping: what has not reached the provider yet is handed back
             // (its offset is not stored; the next owner reads it again).
-            let slot = tokio::select! {
-                slot = identity.slots.acquire() => slot,
-                _ = shutdown.wait() => return Err(DispatchError::Shutdown),
-            };
-            let Ok(_slot) = slot else {
-                return Err(DispatchError::Shutdown);
-            };
             if shutdown.is_triggered() {
-                identity.governor.pass_on();
+                identity.governor.pass_on(permission);
                 return Err(DispatchError::Shutdown);
             }
             let claimed: Option<i32> = if look.state.as_deref() == Some("retrying") {
@@ -636,14 +634,14 @@ impl Inner {
             };
             match claimed {
                 Some(attempt) => {
-                    if self.attempt(event, message, id, attempt as u32, identity).await? {
+                    if self.attempt(event, message, id, attempt as u32, identity, permission).await? {
                         return Ok(());
                     }
                 }
                 // Lost a race, or cancelled meanwhile: look again, and let
                 // someone else use the permission.
                 None => {
-                    identity.governor.pass_on();
+                    identity.governor.pass_on(permission);
                     sleep(shutdown, Duration::from_millis(20)).await?
                 }
             }
@@ -659,6 +657,7 @@ impl Inner {
         id: MessageId,
         attempt: u32,
         identity: &Identity,
+        permission: Permission,
     ) -> Result<bool, DispatchError> {
         let provider = identity.provider.name();
         let name = identity.config.name.as_str();
@@ -677,8 +676,13 @@ impl Inner {
         );
         self.publish(&attempted).await?;
         if !self.claims.mark_attempted(id.0).await? {
+            identity.governor.pass_on(permission);
             return Ok(false);
         }
+        // The permission may have gone stale on the way here; a fresh one
+        // comes first in the queue, so this wait is short.
+        let permission = identity.governor.fresh(event.tenant_id.0.as_str(), permission).await;
+        identity.governor.used(&permission);
         let delivery = Delivery { message_id: id, attempt, identity: name, message, idempotency_key: id.0.to_string() };
         let started = std::time::Instant::now();
         let timeout = Duration::from_millis(self.config.dispatcher.provider_timeout_ms);
@@ -689,6 +693,7 @@ impl Inner {
                 format!("provider call timed out after {timeout:?}; it may or may not have been delivered"),
             )),
         };
+        drop(permission);
         metrics::histogram!("ledger_provider_call_seconds", "identity" => name.to_owned(), "provider" => provider)
             .record(started.elapsed().as_secs_f64());
         if let Err(ProviderError::Permanent { code, .. }) = &result {

@@ -324,6 +324,10 @@ pub struct DispatcherConfig {
     pub retry_backoff_max_ms: u64,
     /// A provider call that takes longer is abandoned as ambiguous.
     pub provider_timeout_ms: u64,
+    /// How long a rate-limited identity's permission to call stays good; a
+    /// message that took longer to reach its call takes a fresh one first.
+    /// Calls in any window stay within rate × (window + this) + burst.
+    pub governor_grant_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -415,6 +419,7 @@ impl Default for DispatcherConfig {
             retry_backoff_ms: 500,
             retry_backoff_max_ms: 300_000,
             provider_timeout_ms: 30_000,
+            governor_grant_ttl_ms: 100,
         }
     }
 }
@@ -515,6 +520,9 @@ impl Config {
         }
         if !["text", "json"].contains(&self.telemetry.log_format.as_str()) {
             return bad(format!("telemetry.log_format {:?} is not text or json", self.telemetry.log_format));
+        }
+        if self.dispatcher.governor_grant_ttl_ms == 0 {
+            return bad("dispatcher.governor_grant_ttl_ms must be at least 1".into());
         }
         if self.dispatcher.provider_timeout_ms >= u64::from(self.dispatcher.claim_lease_secs) * 1000 {
             return bad("dispatcher.provider_timeout_ms must be shorter than dispatcher.claim_lease_secs".into());
