@@ -683,6 +683,8 @@ impl Inner {
         // comes first in the queue, so this wait is short.
         let permission = identity.governor.fresh(event.tenant_id.0.as_str(), permission).await;
         identity.governor.used(&permission);
+        // Its slot stays taken until the outcome is recorded: a crash leaves
+        // at most `concurrency` messages attempted without one (ambiguous).
         let delivery = Delivery { message_id: id, attempt, identity: name, message, idempotency_key: id.0.to_string() };
         let started = std::time::Instant::now();
         let timeout = Duration::from_millis(self.config.dispatcher.provider_timeout_ms);
@@ -693,7 +695,6 @@ impl Inner {
                 format!("provider call timed out after {timeout:?}; it may or may not have been delivered"),
             )),
         };
-        drop(permission);
         metrics::histogram!("ledger_provider_call_seconds", "identity" => name.to_owned(), "provider" => provider)
             .record(started.elapsed().as_secs_f64());
         if let Err(ProviderError::Permanent { code, .. }) = &result {
