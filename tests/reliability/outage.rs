@@ -208,7 +208,8 @@ async fn flaky_api(
 /// The governor must hold the calls the provider sees, not only the
 /// permissions it grants: after the outage a backlog of retries and fresh
 /// messages competes for the budget (this failed, 156–227 calls in a second,
-/// until a permission went stale after 100 ms and came with its call slot).
+/// until a permission came with its call slot and went stale after
+/// `dispatcher.governor_grant_ttl_ms`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_answering_503_for_a_while_is_waited_out_within_the_rate_and_nothing_is_sent_twice() {
     let n = 3_000usize;

@@ -419,7 +419,7 @@ impl Default for DispatcherConfig {
             retry_backoff_ms: 500,
             retry_backoff_max_ms: 300_000,
             provider_timeout_ms: 30_000,
-            governor_grant_ttl_ms: 100,
+            governor_grant_ttl_ms: 250,
         }
     }
 }
