@@ -116,8 +116,9 @@ async fn main() {
     let (mut total_events, mut project_secs, mut row_writes) = (0, 0.0, 0u64);
     for round in 0..rounds {
         let events = lifecycle_events();
-        let (writes, secs) = project_round(&pool, &events, round * events.len()).await;
+        let (writes, secs, folding) = project_round(&pool, &events, round * events.len()).await;
         let rate = writes as f64 / secs;
+        println!("round {}: {secs:.2} s, of which folding {folding:.2} s (the rest in the database)", round + 1);
         if rounds > 1 {
             println!(
                 "round {}: {} messages in the read model after it, {rate:.0} rows/s",
@@ -156,6 +157,10 @@ async fn main() {
     pool.close().await;
     drop_databases(&config).await;
 
+    if std::env::var_os("BENCH_PROJECT_WRITE_ONLY").is_some() {
+        println!("\n{md}");
+        return;
+    }
     let events_per_s = total_events as f64 / project_secs;
     let fraction = std::env::var("BENCH_LAG_FRACTION").ok().and_then(|v| v.parse().ok()).unwrap_or(0.7);
     let (lag_p50, lag_p99, paced_rate) = lag(fraction * events_per_s).await;
@@ -298,12 +303,15 @@ async fn lag(rate: f64) -> (f64, f64, f64) {
 
 /// One round of the write path over `events`: batches folded and applied
 /// with their offsets, one transaction each. Returns (row writes, seconds).
-async fn project_round(pool: &sqlx::PgPool, events: &[Event], offset_base: usize) -> (u64, f64) {
+async fn project_round(pool: &sqlx::PgPool, events: &[Event], offset_base: usize) -> (u64, f64, f64) {
     let started = Instant::now();
     let mut row_writes = 0u64;
+    let mut folding = 0.0;
     for (n, chunk) in events.chunks(BATCH_EVENTS).enumerate() {
+        let fold_started = Instant::now();
         let mut fold = Fold::default();
         chunk.iter().for_each(|e| fold.add(e));
+        folding += fold_started.elapsed().as_secs_f64();
         let mut tx = pool.begin().await.expect("tx");
         let parts = vec![("bench.topic".to_owned(), 0)];
         store::lock_offsets(&mut tx, "bench", &parts).await.expect("lock");
@@ -318,5 +326,5 @@ async fn project_round(pool: &sqlx::PgPool, events: &[Event], offset_base: usize
         .expect("offsets");
         tx.commit().await.expect("commit");
     }
-    (row_writes, started.elapsed().as_secs_f64())
+    (row_writes, started.elapsed().as_secs_f64(), folding)
 }
