@@ -875,18 +875,6 @@ async fn calls_through_a_stalling_path(concurrency: usize, n: usize) -> Vec<std:
     calls
 }
 
-/// The most of `times` (sorted) within any `window`.
-fn busiest(times: &[std::time::Instant], window: Duration) -> usize {
-    let (mut most, mut lo) = (0, 0);
-    for hi in 0..times.len() {
-        while times[hi].duration_since(times[lo]) >= window {
-            lo += 1;
-        }
-        most = most.max(hi - lo + 1);
-    }
-    most
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_keep_to_the_rate_when_messages_are_held_up_between_permission_and_call() {
     // 100/s, burst 5, permissions good for 100 ms: any second holds at most

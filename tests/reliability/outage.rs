@@ -266,17 +266,7 @@ async fn a_provider_answering_503_for_a_while_is_waited_out_within_the_rate_and_
     // scheduler's jitter, so a one-second window can catch a few calls
     // granted late in the one before.
     let times: Vec<Instant> = calls.iter().map(|c| c.0).collect();
-    let busiest = |window: Duration| {
-        let (mut most, mut lo) = (0, 0);
-        for hi in 0..times.len() {
-            while times[hi].duration_since(times[lo]) >= window {
-                lo += 1;
-            }
-            most = most.max(hi - lo + 1);
-        }
-        most
-    };
-    let (busiest_1s, busiest_5s) = (busiest(Duration::from_secs(1)), busiest(Duration::from_secs(5)));
+    let (busiest_1s, busiest_5s) = (busiest(&times, Duration::from_secs(1)), busiest(&times, Duration::from_secs(5)));
     let retried: i64 = sqlx::query_scalar(
         "-- tests::flaky::retried\nSELECT count(*) FROM messages WHERE intent_id = $1::uuid AND attempts > 1",
     )

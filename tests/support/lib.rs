@@ -535,6 +535,19 @@ pub fn group_positions(config: &Config, group: ledger_schemas::ConsumerGroup, to
     out
 }
 
+/// The most of `times` (sorted) within any `window`: how many calls a
+/// provider saw in its busiest second, say.
+pub fn busiest(times: &[Instant], window: Duration) -> usize {
+    let (mut most, mut lo) = (0, 0);
+    for hi in 0..times.len() {
+        while times[hi].duration_since(times[lo]) >= window {
+            lo += 1;
+        }
+        most = most.max(hi - lo + 1);
+    }
+    most
+}
+
 /// Polls `check` until it returns `Some`, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
