@@ -594,7 +594,8 @@ impl Inner {
                 self.record_final(event, id, self.outcome(event, id, "failed", attempt, body), "failed").await?;
                 continue;
             };
-            // The permission comes with a call slot, held until the call ends.
+            // The permission comes with a call slot, held until the outcome
+            // is recorded.
             let Some(permission) = identity.governor.acquire(tenant, message.priority).await else {
                 return Err(DispatchError::Shutdown);
             };
