@@ -854,7 +854,7 @@ async fn calls_through_a_stalling_path(concurrency: usize, n: usize) -> Vec<std:
             let tenant = if i % 2 == 0 { "a" } else { "b" };
             let permission = governor.acquire(tenant, Priority::Bulk).await.expect("permission");
             drop(gate.read().await);
-            let permission = governor.fresh(tenant, permission).await;
+            let permission = governor.fresh(tenant, permission, Duration::from_secs(30)).await;
             calls.lock().expect("calls").push(std::time::Instant::now());
             tokio::time::sleep(Duration::from_millis(5)).await;
             drop(permission);
@@ -894,4 +894,33 @@ async fn stale_permissions_are_renewed_when_every_call_slot_is_held() {
     assert_eq!(calls.len(), 150);
     let one = busiest(&calls, Duration::from_secs(1));
     assert!(one <= 120, "busiest second {one} calls (limit 100/s, burst 5)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_permission_that_cannot_be_renewed_is_used_before_the_claim_lease_runs_out() {
+    use ledger_dispatcher::governor::Governor;
+    use ledger_schemas::Priority;
+
+    let (config, _) = reporting_database().await;
+    let ops = ledger_runtime::db::pool(&config.ops_database_url, 2).await.expect("ops pool");
+    // One call a day: after it, nothing can be renewed before midnight.
+    let mut identity = IdentityConfig::new("one-a-day", ProviderKind::Sink);
+    identity.per_day = 1;
+    let shutdown = ledger_runtime::Shutdown::new();
+    let governor = Governor::start(&identity, Duration::from_millis(100), ops, shutdown.clone());
+    let permission = governor.acquire("a", Priority::Bulk).await.expect("the day's one call");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let permission =
+        tokio::time::timeout(Duration::from_secs(20), governor.fresh("a", permission, Duration::from_millis(1_500)))
+            .await
+            .expect("fresh came back within its patience");
+    let waited = started.elapsed();
+    drop(permission);
+    shutdown.trigger();
+    drop_databases(&config).await;
+    assert!(
+        waited >= Duration::from_millis(1_400) && waited < Duration::from_secs(10),
+        "waited {waited:?} for a renewal that cannot come (patience 1.5 s)"
+    );
 }

@@ -193,17 +193,24 @@ impl Governor {
     /// The permission to call now: `permission` if it is still fresh,
     /// otherwise a new one, ahead of every other waiter (the old one is
     /// given up). The last thing before the call, whose *attempted* event
-    /// is on the log: if the governor stops meanwhile (shutting down) the
-    /// call goes on the old one rather than leave the message ambiguous.
-    pub async fn fresh(&self, tenant: &str, permission: Permission) -> Permission {
+    /// is on the log and whose claim's lease runs: if no new permission
+    /// comes within `patience` (a spent day's budget, a rate of a few calls
+    /// a minute) or the governor stops (shutting down), the call goes on
+    /// the old one rather than let the lease run out and the message turn
+    /// ambiguous.
+    pub async fn fresh(&self, tenant: &str, permission: Permission, patience: Duration) -> Permission {
         if self.limits.is_none() || permission.granted.elapsed() <= self.ttl {
             return permission;
         }
         metrics::counter!("ledger_governor_permissions_renewed_total", "identity" => self.identity.clone())
             .increment(1);
-        match self.wait(|q, tx| q.push_renewal(tenant, tx)).await {
-            Some(handout) => Permission { granted: handout.granted, _slot: permission._slot },
-            None => permission,
+        match tokio::time::timeout(patience, self.wait(|q, tx| q.push_renewal(tenant, tx))).await {
+            Ok(Some(handout)) => Permission { granted: handout.granted, _slot: permission._slot },
+            Ok(None) => permission,
+            Err(_) => {
+                tracing::warn!(identity = %self.identity, ?patience, "no fresh permission in time; calling on the stale one");
+                permission
+            }
         }
     }
 

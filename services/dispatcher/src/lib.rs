@@ -682,7 +682,8 @@ impl Inner {
         }
         // The permission may have gone stale on the way here; a fresh one
         // comes first in the queue, so this wait is short.
-        let permission = identity.governor.fresh(event.tenant_id.0.as_str(), permission).await;
+        let patience = Duration::from_secs(u64::from(self.config.dispatcher.claim_lease_secs)) / 2;
+        let permission = identity.governor.fresh(event.tenant_id.0.as_str(), permission, patience).await;
         identity.governor.used(&permission);
         // Its slot stays taken until the outcome is recorded: a crash leaves
         // at most `concurrency` messages attempted without one (ambiguous).
