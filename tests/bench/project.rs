@@ -118,14 +118,12 @@ async fn main() {
         let events = lifecycle_events();
         let (writes, secs, folding) = project_round(&pool, &events, round * events.len()).await;
         let rate = writes as f64 / secs;
-        println!("round {}: {secs:.2} s, of which folding {folding:.2} s (the rest in the database)", round + 1);
-        if rounds > 1 {
-            println!(
-                "round {}: {} messages in the read model after it, {rate:.0} rows/s",
-                round + 1,
-                (round + 1) * MESSAGES
-            );
-        }
+        println!(
+            "round {}: {secs:.2} s, of which folding {folding:.2} s (the rest in the database); \
+             {} messages in the read model after it, {rate:.0} rows/s",
+            round + 1,
+            (round + 1) * MESSAGES
+        );
         round_rates.push(rate);
         if round == 0 {
             (total_events, project_secs, row_writes) = (events.len(), secs, writes);
@@ -302,7 +300,8 @@ async fn lag(rate: f64) -> (f64, f64, f64) {
 }
 
 /// One round of the write path over `events`: batches folded and applied
-/// with their offsets, one transaction each. Returns (row writes, seconds).
+/// with their offsets, one transaction each. Returns (row writes, seconds,
+/// of which seconds spent folding).
 async fn project_round(pool: &sqlx::PgPool, events: &[Event], offset_base: usize) -> (u64, f64, f64) {
     let started = Instant::now();
     let mut row_writes = 0u64;

@@ -63,7 +63,7 @@ pub struct Grant {
 /// identity's call slots (given back when this is dropped).
 pub struct Permission {
     granted: Instant,
-    _slot: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
 }
 
 /// What the pump hands a waiter: the time of its grant and, unless the
@@ -184,10 +184,10 @@ impl Governor {
                 slot = self.slots.clone().acquire_owned() => slot.ok()?,
                 _ = self.shutdown.wait() => return None,
             };
-            return Some(Permission { granted: Instant::now(), _slot: slot });
+            return Some(Permission { granted: Instant::now(), slot });
         }
         let handout = self.wait(|q, tx| q.push(tenant, priority, tx)).await?;
-        Some(Permission { granted: handout.granted, _slot: handout.slot? })
+        Some(Permission { granted: handout.granted, slot: handout.slot? })
     }
 
     /// The permission to call now: `permission` if it is still fresh,
@@ -205,7 +205,7 @@ impl Governor {
         metrics::counter!("ledger_governor_permissions_renewed_total", "identity" => self.identity.clone())
             .increment(1);
         match tokio::time::timeout(patience, self.wait(|q, tx| q.push_renewal(tenant, tx))).await {
-            Ok(Some(handout)) => Permission { granted: handout.granted, _slot: permission._slot },
+            Ok(Some(handout)) => Permission { granted: handout.granted, slot: permission.slot },
             Ok(None) => permission,
             Err(_) => {
                 tracing::warn!(identity = %self.identity, ?patience, "no fresh permission in time; calling on the stale one");
@@ -252,7 +252,7 @@ impl Governor {
             return;
         }
         let granted = permission.granted;
-        let mut slot = Some(permission._slot);
+        let mut slot = Some(permission.slot);
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((waiter, needs_slot)) = q.pop(slot.is_some()) {
             let handout = Handout { granted, slot: if needs_slot { slot.take() } else { None } };
