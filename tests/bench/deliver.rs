@@ -24,7 +24,10 @@ use serde_json::json;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const MESSAGES: usize = 30_000;
+/// Messages of the throughput part (`BENCH_DELIVER_MESSAGES`, default 30,000).
+fn messages() -> usize {
+    std::env::var("BENCH_DELIVER_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000)
+}
 const GOVERNED: usize = 7_000;
 
 fn rendered(intent: IntentId, n: usize) -> Vec<Event> {
@@ -72,11 +75,11 @@ async fn throughput() -> (f64, f64) {
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
     prepare(&config).await.expect("prepare");
-    let input = rendered(IntentId(uuid::Uuid::new_v4()), MESSAGES);
+    let input = rendered(IntentId(uuid::Uuid::new_v4()), messages());
     put(&config, &input).await;
 
     let started = Instant::now();
-    let raw_done = count_until(&config, Topic::Rendered, MESSAGES, Duration::from_secs(300)).await;
+    let raw_done = count_until(&config, Topic::Rendered, messages(), Duration::from_secs(300)).await;
     let raw_secs = (raw_done - started).as_secs_f64();
 
     let shutdown = Shutdown::new();
@@ -84,12 +87,12 @@ async fn throughput() -> (f64, f64) {
     let started = Instant::now();
     let task = tokio::spawn(dispatcher.run(shutdown.clone()));
     // Attempted and delivered: two outcome records per message.
-    let done = count_until(&config, Topic::Outcomes, 2 * MESSAGES, Duration::from_secs(900)).await;
+    let done = count_until(&config, Topic::Outcomes, 2 * messages(), Duration::from_secs(900)).await;
     let dispatch_secs = (done - started).as_secs_f64();
     shutdown.trigger();
     let _ = task.await;
     let sunk = ledger_dispatcher::sink::read_deliveries(&config.sink.dir).expect("sink").len();
-    assert_eq!(sunk, MESSAGES, "every message reached the sink once");
+    assert_eq!(sunk, messages(), "every message reached the sink once");
     drop_databases(&config).await;
     (raw_secs, dispatch_secs)
 }
@@ -105,8 +108,8 @@ async fn main() {
     if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {
         println!(
             "dispatcher → sink: {:.0}/s, raw consume {:.0}/s, ratio {:.3}",
-            MESSAGES as f64 / dispatch_secs,
-            MESSAGES as f64 / raw_secs,
+            messages() as f64 / dispatch_secs,
+            messages() as f64 / raw_secs,
             raw_secs / dispatch_secs
         );
         return;
@@ -171,12 +174,13 @@ async fn main() {
     }
     drop_databases(&gconfig).await;
 
-    let raw_rate = MESSAGES as f64 / raw_secs;
-    let rate = MESSAGES as f64 / dispatch_secs;
+    let n = messages();
+    let raw_rate = n as f64 / raw_secs;
+    let rate = messages() as f64 / dispatch_secs;
     let md = format!(
         "| measure | messages | seconds | messages/s | ratio |\n|---|---:|---:|---:|---:|\n\
-         | raw consume of the rendered records | {MESSAGES} | {raw_secs:.2} | {raw_rate:.0} | 1.00 |\n\
-         | dispatcher → sink, governor off | {MESSAGES} | {dispatch_secs:.2} | {rate:.0} | {:.3} |\n\n\
+         | raw consume of the rendered records | {n} | {raw_secs:.2} | {raw_rate:.0} | 1.00 |\n\
+         | dispatcher → sink, governor off | {n} | {dispatch_secs:.2} | {rate:.0} | {:.3} |\n\n\
          | governor: 6,000/min identity, 2 instances | value |\n|---|---:|\n\
          | deliveries in the first 60 s | {in_window} |\n| deviation from 6,000 | {deviation:+.2} % |\n\
          | most in any 1 s | {worst_second} (limit 100, burst {}) |\n",
@@ -189,7 +193,7 @@ async fn main() {
     std::fs::write(
         "bench-out/deliver.json",
         serde_json::to_string_pretty(&json!({
-            "messages": MESSAGES, "raw_consume_per_s": raw_rate, "dispatch_per_s": rate, "ratio": rate / raw_rate,
+            "messages": messages(), "raw_consume_per_s": raw_rate, "dispatch_per_s": rate, "ratio": rate / raw_rate,
             "governor": { "limit_per_minute": 6000, "instances": 2, "in_first_60s": in_window,
                           "deviation_percent": deviation, "max_in_one_second": worst_second },
             "measured_at": chrono::Utc::now() }))

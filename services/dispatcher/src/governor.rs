@@ -178,6 +178,12 @@ impl Governor {
     /// a slot to make it in; who is served first is the fair queue's
     /// decision, and a rate-limited identity grants no call before a slot
     /// is free for it. `None` when shutting down.
+    /// Whether the identity has a rate or daily limit (otherwise only its
+    /// concurrency bounds its calls).
+    pub fn is_limited(&self) -> bool {
+        self.limits.is_some()
+    }
+
     pub async fn acquire(&self, tenant: &str, priority: Priority) -> Option<Permission> {
         if self.limits.is_none() {
             let slot = tokio::select! {

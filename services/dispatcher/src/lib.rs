@@ -54,7 +54,7 @@ use rdkafka::Message;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::claims::{ClaimFor, Claims, Look, LookFor, OutcomeFor};
+use crate::claims::{ClaimFor, Claims, FirstFor, Look, LookFor, OutcomeFor};
 use crate::governor::{Governor, Permission};
 use crate::offsets::Offsets;
 use crate::provider::{Delivery, Provider, ProviderError};
@@ -194,6 +194,18 @@ pub async fn build(config: &Config) -> Result<Dispatcher, RuntimeError> {
 /// thousands of waiting messages from queueing in front of the calls the
 /// governor just allowed.
 const LOOKS_AHEAD: usize = 512;
+
+/// Where a claim stands when its call begins.
+#[derive(Clone, Copy)]
+enum Marked {
+    /// *claimed*: the attempted event goes on the log, then the claim
+    /// moves to *attempted*.
+    NotYet,
+    /// Taken as *attempted* at once (a first claim, see `claim_first`): a
+    /// crash before the attempted event is on the log leaves it ambiguous,
+    /// held like any other, never resent blindly.
+    Already,
+}
 
 /// Whether `recipient` may be delivered to outside production.
 pub fn sandbox_allows(allow: &[String], recipient: &str) -> bool {
@@ -511,6 +523,33 @@ impl Inner {
             return Ok(());
         }
         let lease = f64::from(self.config.dispatcher.claim_lease_secs);
+        // A first attempt through an identity without rate limits: claim
+        // without looking first (one statement instead of two). Anything
+        // but a fresh message (claimed before, suppressed, cancelled) finds
+        // no claim taken and is looked at below. A limited identity looks
+        // first, so that what needs no call never waits for the governor.
+        if retry_of.is_none() {
+            if let Some(identity) = self.route(tenant, message.channel, id, None).filter(|i| !i.governor.is_limited()) {
+                let Some(permission) = identity.governor.acquire(tenant, message.priority).await else {
+                    return Err(DispatchError::Shutdown);
+                };
+                if shutdown.is_triggered() {
+                    return Err(DispatchError::Shutdown);
+                }
+                let first = FirstFor {
+                    message_id: id.0,
+                    tenant_id: tenant.to_owned(),
+                    recipient: normalise_recipient(&message.recipient),
+                    intent_id: event.intent_id.0,
+                    identity: identity.config.name.clone(),
+                };
+                if self.claims.claim_first(first).await?
+                    && self.attempt(event, message, id, 1, identity, permission, Marked::Already).await?
+                {
+                    return Ok(());
+                }
+            }
+        }
         loop {
             if shutdown.is_triggered() {
                 return Err(DispatchError::Shutdown);
@@ -635,7 +674,7 @@ impl Inner {
             };
             match claimed {
                 Some(attempt) => {
-                    if self.attempt(event, message, id, attempt as u32, identity, permission).await? {
+                    if self.attempt(event, message, id, attempt as u32, identity, permission, Marked::NotYet).await? {
                         return Ok(());
                     }
                 }
@@ -651,6 +690,7 @@ impl Inner {
 
     /// One provider call under a claim we hold. Returns `false` when the
     /// caller must look at the claim again (we lost it).
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         event: &Event,
@@ -659,6 +699,7 @@ impl Inner {
         attempt: u32,
         identity: &Identity,
         permission: Permission,
+        marked: Marked,
     ) -> Result<bool, DispatchError> {
         let provider = identity.provider.name();
         let name = identity.config.name.as_str();
@@ -675,10 +716,30 @@ impl Inner {
                 identity: Some(name.to_owned()),
             }),
         );
-        self.publish(&attempted).await?;
-        if !self.claims.mark_attempted(id.0).await? {
-            identity.governor.pass_on(permission);
-            return Ok(false);
+        match marked {
+            Marked::NotYet => {
+                self.publish(&attempted).await?;
+                if !self.claims.mark_attempted(id.0).await? {
+                    identity.governor.pass_on(permission);
+                    return Ok(false);
+                }
+            }
+            Marked::Already => {
+                if let Err(e) = self.publish(&attempted).await {
+                    // Nothing was called: the claim goes back to *claimed*,
+                    // its lease over, for whoever looks at it next.
+                    sqlx::query(
+                        "-- dispatcher::attempt (no attempted event: claimed again)
+                         UPDATE delivery_claims SET state = 'claimed', lease_until = now(), updated_at = now()
+                         WHERE message_id = $1 AND claimed_by = $2 AND state = 'attempted'",
+                    )
+                    .bind(id.0)
+                    .bind(&self.instance)
+                    .execute(&self.ops)
+                    .await?;
+                    return Err(e);
+                }
+            }
         }
         // The permission may have gone stale on the way here; a fresh one
         // comes first in the queue, so this wait is short.
@@ -764,14 +825,11 @@ impl Inner {
         };
         let outcome = self.outcome(event, id, what, attempt, body);
         let state = if label == "ambiguous" { "ambiguous" } else { "done" };
-        self.claims
-            .record_outcome(OutcomeFor {
-                message_id: id.0,
-                state,
-                outcome: serde_json::to_value(&outcome).unwrap_or_default(),
-            })
-            .await?;
-        self.publish(&outcome).await?;
+        // Serialised once: the same bytes go into the claim and on the log.
+        let encoded = kafka::Encoded::from(&outcome);
+        let json = String::from_utf8_lossy(&encoded.payload).into_owned();
+        self.claims.record_outcome(OutcomeFor { message_id: id.0, state, outcome: json }).await?;
+        kafka::send_encoded(&self.producer, &self.config, Topic::Outcomes, &id.to_string(), encoded).await?;
         if label == "ambiguous" {
             tracing::warn!(message_id = %id, identity = name, correlation_id = %event.correlation_id, "message is ambiguous; held for reconciliation");
         } else {
@@ -889,7 +947,7 @@ impl Inner {
             EventBody::DeliveryAmbiguous(DeliveryAmbiguous {
                 attempt,
                 provider: identity.map(|i| i.provider.name()).unwrap_or("unknown").to_owned(),
-                reason: "the dispatcher that called the provider stopped before recording the outcome".into(),
+                reason: "the dispatcher that claimed the call stopped before recording the outcome; the provider may have been called".into(),
                 identity: name.clone(),
             }),
         );

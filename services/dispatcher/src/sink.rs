@@ -24,6 +24,7 @@ pub struct SinkRecord {
     pub recipient: String,
     pub subject: Option<String>,
     pub provider_message_id: String,
+    #[serde(serialize_with = "ledger_schemas::events::rfc3339")]
     pub received_at: DateTime<Utc>,
     #[serde(default)]
     pub identity: String,
