@@ -524,7 +524,8 @@ impl Inner {
         }
         let lease = f64::from(self.config.dispatcher.claim_lease_secs);
         // A first attempt through an identity without rate limits: claim
-        // without looking first (one statement instead of two). Anything
+        // as attempted without looking first (one statement instead of
+        // three: look, claim, mark attempted). Anything
         // but a fresh message (claimed before, suppressed, cancelled) finds
         // no claim taken and is looked at below. A limited identity looks
         // first, so that what needs no call never waits for the governor.
