@@ -149,11 +149,14 @@ impl Claims {
     }
 }
 
-/// Indexes of `ids` in ascending id order.
-fn in_id_order(ids: &[Uuid]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..ids.len()).collect();
+/// For a batch of requests with these message ids: whether each is the
+/// first with its id, and the indexes of the first ones in ascending id
+/// order (the order rows are locked in).
+fn firsts_in_id_order(ids: &[Uuid]) -> (Vec<bool>, Vec<usize>) {
+    let first = first_of_each(ids.iter().copied());
+    let mut order: Vec<usize> = (0..ids.len()).filter(|&i| first[i]).collect();
     order.sort_by_key(|&i| ids[i]);
-    order
+    (first, order)
 }
 
 async fn look(pool: &PgPool, rs: Vec<LookFor>) -> Result<Vec<Look>, sqlx::Error> {
@@ -188,9 +191,8 @@ async fn claim(
     lease_secs: f64,
     rs: Vec<ClaimFor>,
 ) -> Result<Vec<Option<i32>>, sqlx::Error> {
-    let first = first_of_each(rs.iter().map(|r| r.message_id));
     let ids: Vec<Uuid> = rs.iter().map(|r| r.message_id).collect();
-    let order: Vec<usize> = in_id_order(&ids).into_iter().filter(|&i| first[i]).collect();
+    let (first, order) = firsts_in_id_order(&ids);
     let rows: Vec<(Uuid, i32)> = sqlx::query_as(
         "-- dispatcher::claims::claim
          INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until, identity, intent_id)
@@ -222,9 +224,8 @@ async fn claim_first(
     lease_secs: f64,
     rs: Vec<FirstFor>,
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let first = first_of_each(rs.iter().map(|r| r.message_id));
     let ids: Vec<Uuid> = rs.iter().map(|r| r.message_id).collect();
-    let order: Vec<usize> = in_id_order(&ids).into_iter().filter(|&i| first[i]).collect();
+    let (first, order) = firsts_in_id_order(&ids);
     let rows: Vec<Uuid> = sqlx::query_scalar(
         "-- dispatcher::claims::claim_first
          INSERT INTO delivery_claims (message_id, tenant_id, state, attempt, claimed_by, lease_until, identity, intent_id)
@@ -255,8 +256,8 @@ async fn mark_attempted(
     lease_secs: f64,
     ids: Vec<Uuid>,
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let first = first_of_each(ids.iter().copied());
-    let order: Vec<Uuid> = in_id_order(&ids).into_iter().filter(|&i| first[i]).map(|i| ids[i]).collect();
+    let (first, order) = firsts_in_id_order(&ids);
+    let order: Vec<Uuid> = order.into_iter().map(|i| ids[i]).collect();
     let rows: Vec<Uuid> = sqlx::query_scalar(
         "-- dispatcher::claims::mark_attempted
          UPDATE delivery_claims c
@@ -275,9 +276,8 @@ async fn mark_attempted(
 }
 
 async fn record_outcome(pool: &PgPool, instance: &str, rs: Vec<OutcomeFor>) -> Result<Vec<bool>, sqlx::Error> {
-    let first = first_of_each(rs.iter().map(|r| r.message_id));
     let ids: Vec<Uuid> = rs.iter().map(|r| r.message_id).collect();
-    let order: Vec<usize> = in_id_order(&ids).into_iter().filter(|&i| first[i]).collect();
+    let (first, order) = firsts_in_id_order(&ids);
     let rows: Vec<Uuid> = sqlx::query_scalar(
         "-- dispatcher::claims::record_outcome
          UPDATE delivery_claims c SET state = r.state, outcome = r.outcome::jsonb, updated_at = now()
