@@ -203,3 +203,73 @@ async fn offsets_are_locked_and_saved_with_the_rows() {
     pool.close().await;
     drop_databases(&config).await;
 }
+
+/// Applies `events` in transactions of `per` events, retrying a batch that
+/// the database aborts (a deadlock between the two writers), as the
+/// projector does.
+async fn apply_in_batches(pool: &sqlx::PgPool, events: &[Event], per: usize) {
+    for chunk in events.chunks(per) {
+        let mut fold = Fold::default();
+        chunk.iter().for_each(|e| fold.add(e));
+        let mut tries = 0;
+        loop {
+            let mut tx = pool.begin().await.expect("tx");
+            match store::apply(&mut tx, &fold).await {
+                Ok(_) => {
+                    tx.commit().await.expect("commit");
+                    break;
+                }
+                Err(e) => {
+                    tries += 1;
+                    assert!(tries < 20, "batch failed {tries} times: {e}");
+                    tx.rollback().await.expect("rollback");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_on_the_same_messages_keep_the_counts_exact() {
+    // A message's accepted and rendered events come from other partitions
+    // than its attempts and outcomes, so two projector instances can write
+    // its row at the same moment, the first insert of the row included.
+    let (config, pool) = reporting_database().await;
+    let events = lifecycle_events_of_size(3_000);
+    let intent = events[0].intent_id;
+    let (early, late): (Vec<Event>, Vec<Event>) = events
+        .into_iter()
+        .partition(|e| matches!(e.body, EventBody::RecipientBatch(_) | EventBody::MessageRendered(_)));
+    // The rendered events first and the batches last on one side, the
+    // outcomes newest first on the other: both sides insert rows.
+    let early: Vec<Event> = early.into_iter().rev().collect();
+    let late: Vec<Event> = late.into_iter().rev().collect();
+    let (a, b) = (pool.clone(), pool.clone());
+    tokio::join!(apply_in_batches(&a, &early, 100), apply_in_batches(&b, &late, 100));
+
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM messages GROUP BY status").fetch_all(&pool).await.expect("rows");
+    assert_eq!(rows, vec![("delivered".to_owned(), 3_000)]);
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status, messages FROM intent_status_counts WHERE intent_id = $1 AND messages <> 0 ORDER BY status",
+    )
+    .bind(intent.0)
+    .fetch_all(&pool)
+    .await
+    .expect("counts");
+    assert_eq!(counts, rows, "intent_status_counts against the rows");
+    let hourly: Vec<(chrono::DateTime<chrono::Utc>, i64)> = sqlx::query_as(
+        "SELECT hour, messages FROM tenant_hourly WHERE status = 'delivered' AND messages <> 0 ORDER BY hour",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("hourly");
+    let by_hour: Vec<(chrono::DateTime<chrono::Utc>, i64)> =
+        sqlx::query_as("SELECT date_trunc('hour', delivered_at, 'UTC'), count(*) FROM messages GROUP BY 1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .expect("by hour");
+    assert_eq!(hourly, by_hour, "tenant_hourly against the rows");
+    pool.close().await;
+    drop_databases(&config).await;
+}
