@@ -153,8 +153,8 @@ pub fn consumer(config: &Config, group: ConsumerGroup, topics: &[Topic]) -> Resu
         .set("heartbeat.interval.ms", "1000")
         // How long the broker may hold a fetch that finds nothing new. The
         // projector's is short: its lag is the read model's freshness
-        // (bench-project on the local broker, four alternate runs each: lag
-        // p50 111–148 ms at 10 ms, 152–299 ms at 50 ms).
+        // (bench-project on the local broker, six alternate runs each: lag
+        // p50 86–155 ms at 10 ms, 152–299 ms at 50 ms).
         .set("fetch.wait.max.ms", if group == ConsumerGroup::Projector { "10" } else { "50" })
         .set("statistics.interval.ms", "5000")
         // The dispatcher reads ahead and stops polling when every record it
