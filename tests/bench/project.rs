@@ -161,7 +161,11 @@ async fn main() {
     }
     let events_per_s = total_events as f64 / project_secs;
     let fraction = std::env::var("BENCH_LAG_FRACTION").ok().and_then(|v| v.parse().ok()).unwrap_or(0.7);
-    let (lag_p50, lag_p99, paced_rate) = lag(fraction * events_per_s).await;
+    // BENCH_LAG_EVENTS_PER_S pins the rate (to compare two builds or
+    // settings at the same load).
+    let rate =
+        std::env::var("BENCH_LAG_EVENTS_PER_S").ok().and_then(|v| v.parse().ok()).unwrap_or(fraction * events_per_s);
+    let (lag_p50, lag_p99, paced_rate) = lag(rate).await;
     let md = format!(
         "{md}\n| projection lag, real projector, events produced at {:.0} % of the write path's rate ({paced_rate:.0} events/s) | value |\n\
          |---|---:|\n| p50 | {:.0} ms |\n| p99 | {:.0} ms |\n",
@@ -193,6 +197,7 @@ async fn lag(rate: f64) -> (f64, f64, f64) {
     let mut config = test_config();
     // The production default, not the tests' shorter flush.
     config.projector = ledger_runtime::config::ProjectorConfig::default();
+    config.projector.writers = writers();
     if let Some(ms) = std::env::var("BENCH_FLUSH_MS").ok().and_then(|v| v.parse().ok()) {
         config.projector.flush_interval_ms = ms;
     }
@@ -299,31 +304,66 @@ async fn lag(rate: f64) -> (f64, f64, f64) {
     (at(0.5), at(0.99), achieved)
 }
 
-/// One round of the write path over `events`: batches folded and applied
-/// with their offsets, one transaction each. Returns (row writes, seconds,
-/// of which seconds spent folding).
+/// The projector's writers: its default unless BENCH_PROJECT_WRITERS says
+/// otherwise.
+fn writers() -> usize {
+    std::env::var("BENCH_PROJECT_WRITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ledger_runtime::config::ProjectorConfig::default().writers)
+        .max(1)
+}
+
+/// One round of the write path over `events` as the projector runs it:
+/// each event goes to the writer of its partition (`projector.writers`,
+/// the production default unless BENCH_PROJECT_WRITERS says otherwise),
+/// and each writer folds and applies its batches with their offsets, one
+/// transaction each, beside the others. Returns (row writes, seconds, of
+/// which seconds spent folding, summed over the writers).
 async fn project_round(pool: &sqlx::PgPool, events: &[Event], offset_base: usize) -> (u64, f64, f64) {
+    let writers = writers();
+    let mut shares: Vec<Vec<Event>> = vec![Vec::new(); writers];
+    for e in events {
+        let (key, topic) = match e.message_id {
+            Some(m) => (m.to_string(), Topic::Rendered),
+            None => (e.intent_id.to_string(), Topic::Intents),
+        };
+        let partition = ledger_runtime::kafka::partition_for(key.as_bytes(), topic.partitions());
+        shares[ledger_projector::writer_of(partition, writers)].push(e.clone());
+    }
     let started = Instant::now();
-    let mut row_writes = 0u64;
-    let mut folding = 0.0;
-    for (n, chunk) in events.chunks(BATCH_EVENTS).enumerate() {
-        let fold_started = Instant::now();
-        let mut fold = Fold::default();
-        chunk.iter().for_each(|e| fold.add(e));
-        folding += fold_started.elapsed().as_secs_f64();
-        let mut tx = pool.begin().await.expect("tx");
-        let parts = vec![("bench.topic".to_owned(), 0)];
-        store::lock_offsets(&mut tx, "bench", &parts).await.expect("lock");
-        row_writes += store::apply(&mut tx, &fold).await.expect("apply").messages;
-        let next = (offset_base + (n + 1) * BATCH_EVENTS) as i64;
-        store::save_offsets(
-            &mut tx,
-            "bench",
-            &[PartitionOffset { topic: "bench.topic".into(), partition: 0, next_offset: next }],
-        )
-        .await
-        .expect("offsets");
-        tx.commit().await.expect("commit");
+    let mut running = tokio::task::JoinSet::new();
+    for (writer, share) in shares.into_iter().enumerate() {
+        let pool = pool.clone();
+        running.spawn(async move {
+            let (mut row_writes, mut folding) = (0u64, 0.0);
+            let part = vec![("bench.topic".to_owned(), writer as i32)];
+            for (n, chunk) in share.chunks(BATCH_EVENTS).enumerate() {
+                let fold_started = Instant::now();
+                let mut fold = Fold::default();
+                chunk.iter().for_each(|e| fold.add(e));
+                folding += fold_started.elapsed().as_secs_f64();
+                let mut tx = pool.begin().await.expect("tx");
+                store::lock_offsets(&mut tx, "bench", &part).await.expect("lock");
+                row_writes += store::apply(&mut tx, &fold).await.expect("apply").messages;
+                let next = (offset_base + (n + 1) * BATCH_EVENTS) as i64;
+                store::save_offsets(
+                    &mut tx,
+                    "bench",
+                    &[PartitionOffset { topic: "bench.topic".into(), partition: writer as i32, next_offset: next }],
+                )
+                .await
+                .expect("offsets");
+                tx.commit().await.expect("commit");
+            }
+            (row_writes, folding)
+        });
+    }
+    let (mut row_writes, mut folding) = (0u64, 0.0);
+    while let Some(done) = running.join_next().await {
+        let (w, f) = done.expect("writer");
+        row_writes += w;
+        folding += f;
     }
     (row_writes, started.elapsed().as_secs_f64(), folding)
 }

@@ -96,7 +96,7 @@ pub async fn reporting_database() -> (Config, PgPool) {
     )
     .await
     .expect("migrate");
-    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 2).await.expect("pool");
+    let pool = ledger_runtime::db::pool(&config.reporting_database_url, 4).await.expect("pool");
     (config, pool)
 }
 

@@ -13,6 +13,7 @@
 //! does that, and the projector counts and skips them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ledger_projections::store::{self, PartitionOffset};
@@ -45,27 +46,78 @@ pub async fn build(config: &Config) -> Result<Projector, RuntimeError> {
         config: config.clone(),
         consumer: kafka::consumer(config, ConsumerGroup::Projector, &TOPICS)?,
         producer: kafka::producer(config)?,
-        reporting: ledger_runtime::db::pool(&config.reporting_database_url, 4).await?,
+        reporting: ledger_runtime::db::pool(&config.reporting_database_url, config.projector.writers as u32 + 2)
+            .await?,
         name: config.group(ConsumerGroup::Projector),
     })
 }
 
 impl Projector {
     pub async fn run(self, shutdown: Shutdown) -> Result<(), RuntimeError> {
-        tracing::info!(group = %self.name, "projector started");
-        let flush = Duration::from_millis(self.config.projector.flush_interval_ms);
+        let writers = self.config.projector.writers.max(1);
+        tracing::info!(group = %self.name, writers, "projector started");
+        let this = Arc::new(self);
+        // One reader hands each record to the writer of its partition: a
+        // partition's records stay in order, and the writers' transactions
+        // (disjoint offset rows) run side by side.
+        let mut inboxes = Vec::with_capacity(writers);
+        let mut running = tokio::task::JoinSet::new();
+        for writer in 0..writers {
+            let (tx, rx) = tokio::sync::mpsc::channel(this.config.projector.batch_size.max(64));
+            inboxes.push(tx);
+            running.spawn(this.clone().write(writer, rx, shutdown.clone()));
+        }
         loop {
-            let first = tokio::select! {
+            let next = tokio::select! {
                 _ = shutdown.wait() => break,
-                m = self.consumer.recv() => m,
+                m = this.consumer.recv() => m,
             };
-            let first = match first {
+            let m = match next {
                 Ok(m) => m.detach(),
                 Err(e) => {
                     tracing::warn!(error = %e, "consume failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
+            };
+            let inbox = &inboxes[writer_of(m.partition(), writers)];
+            let sent = tokio::select! {
+                _ = shutdown.wait() => break,
+                sent = inbox.send(m) => sent,
+            };
+            if sent.is_err() {
+                break; // that writer is gone: the join below says why
+            }
+        }
+        drop(inboxes);
+        let mut result = Ok(());
+        while let Some(done) = running.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "projection writer failed");
+                result = Err(RuntimeError::Task(e.to_string()));
+            }
+        }
+        let _ = this.consumer.commit_consumer_state(CommitMode::Sync);
+        tracing::info!("projector stopped");
+        result
+    }
+
+    /// One writer: gathers its partitions' records into batches and applies
+    /// each in one transaction with their offsets, retrying until it goes.
+    async fn write(
+        self: Arc<Self>,
+        writer: usize,
+        mut inbox: tokio::sync::mpsc::Receiver<OwnedMessage>,
+        shutdown: Shutdown,
+    ) {
+        let flush = Duration::from_millis(self.config.projector.flush_interval_ms);
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.wait() => return,
+                m = inbox.recv() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
             };
             let mut weight = rows_of(&first);
             let mut batch = vec![first];
@@ -79,17 +131,12 @@ impl Projector {
                 // applied goes in this one; once the records stop coming for
                 // a moment, it goes. Busy, batches grow to batch_size; quiet,
                 // an event waits for one transaction, not for the interval.
-                match tokio::time::timeout(left.min(IDLE_GAP), self.consumer.recv()).await {
-                    Ok(Ok(m)) => {
-                        let m = m.detach();
+                match tokio::time::timeout(left.min(IDLE_GAP), inbox.recv()).await {
+                    Ok(Some(m)) => {
                         weight += rows_of(&m);
                         batch.push(m);
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "consume failed");
-                        break;
-                    }
-                    Err(_) => break,
+                    Ok(None) | Err(_) => break,
                 }
             }
             // The batch is held until it is applied: a database outage delays
@@ -100,20 +147,30 @@ impl Projector {
                     Ok(()) => break,
                     Err(e) => {
                         if shutdown.is_triggered() {
-                            let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
-                            return Ok(());
+                            return;
                         }
-                        tracing::warn!(error = %e, records = batch.len(), "projection batch failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        let deadlock = e.is_deadlock();
+                        metrics::counter!("ledger_projection_retries_total", "reason" => if deadlock { "deadlock" } else { "error" })
+                            .increment(1);
+                        tracing::warn!(error = %e, writer, records = batch.len(), "projection batch failed; retrying");
+                        // Two writers that locked the same rows in another
+                        // order: the database rolled one back, and at once
+                        // is the right time to try again.
+                        if !deadlock {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
                     }
                 }
             }
-            kafka::store_done(&self.consumer, &batch)?;
+            // Kafka's offsets are only where a restart begins to read; the
+            // read model's own say what is applied. A partition revoked
+            // meanwhile refuses the store, and its next owner skips what
+            // this batch applied.
+            if let Err(e) = kafka::store_done(&self.consumer, &batch) {
+                tracing::debug!(error = %e, writer, "offsets not stored (partition revoked?)");
+            }
         }
-        let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
-        tracing::info!("projector stopped");
-        Ok(())
     }
 
     async fn apply(&self, batch: &[OwnedMessage]) -> Result<(), ApplyError> {
@@ -155,6 +212,13 @@ impl Projector {
         );
         Ok(())
     }
+}
+
+/// The writer that applies `partition`'s records. Every topic that carries a
+/// message's events has the same partition count and key, so one writer
+/// holds all of a message's rendered and outcome events.
+pub fn writer_of(partition: i32, writers: usize) -> usize {
+    partition.max(0) as usize % writers.max(1)
 }
 
 /// About how many message rows a record makes: a recipient batch one per
@@ -244,4 +308,15 @@ enum ApplyError {
     Database(#[from] sqlx::Error),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+impl ApplyError {
+    /// Whether the database broke a deadlock by rolling this batch back.
+    fn is_deadlock(&self) -> bool {
+        let db = match self {
+            ApplyError::Store(ledger_projections::StoreError::Database(e)) | ApplyError::Database(e) => e,
+            ApplyError::Kafka(_) => return false,
+        };
+        db.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "40P01")
+    }
 }

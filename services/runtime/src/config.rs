@@ -303,6 +303,11 @@ pub struct ProjectorConfig {
     /// Longest a batch waits to fill; it goes earlier when the records stop
     /// coming for 5 ms.
     pub flush_interval_ms: u64,
+    /// Transactions applied at once, each on its own connection over its
+    /// own share of the partitions (partition number modulo this). One
+    /// transaction at a time left a core idle while the reporting database
+    /// worked on the last one.
+    pub writers: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -406,7 +411,7 @@ impl Default for SinkConfig {
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
-        ProjectorConfig { batch_size: 5_000, flush_interval_ms: 200 }
+        ProjectorConfig { batch_size: 5_000, flush_interval_ms: 200, writers: 2 }
     }
 }
 
@@ -487,6 +492,9 @@ impl Config {
         }
         if self.projector.batch_size == 0 || self.dispatcher.max_in_flight == 0 {
             return bad("projector.batch_size and dispatcher.max_in_flight must be at least 1".into());
+        }
+        if !(1..=16).contains(&self.projector.writers) {
+            return bad("projector.writers must be between 1 and 16".into());
         }
         if self.identities.is_empty() {
             return bad("no sender identity is configured".into());

@@ -12,6 +12,9 @@ pub enum RuntimeError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("telemetry: {0}")]
     Telemetry(String),
+    /// A task of the role panicked or was cancelled.
+    #[error("task: {0}")]
+    Task(String),
 }
 
 impl RuntimeError {
