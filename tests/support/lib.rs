@@ -55,7 +55,6 @@ pub fn test_config() -> Config {
     config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.telemetry.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.sink.dir = std::env::temp_dir().join("ledger-tests").join(&id).join("sink");
-    config.projector.flush_interval_ms = 50;
     config.dispatcher.retry_backoff_ms = 50;
     config
 }

@@ -300,8 +300,9 @@ pub struct ProjectorConfig {
     /// Most events in one transaction (a recipient batch counts as one per
     /// recipient: each makes a message row).
     pub batch_size: usize,
-    /// Longest a batch waits to fill; it goes earlier when the records stop
-    /// coming for 5 ms.
+    /// Longest a batch waits after its first record for more while none
+    /// are queued. Under load it does not wait: it takes what arrived while
+    /// the last transaction ran.
     pub flush_interval_ms: u64,
     /// Transactions applied at once, each on its own connection over its
     /// own share of the partitions (partition number modulo this). One
@@ -411,7 +412,7 @@ impl Default for SinkConfig {
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
-        ProjectorConfig { batch_size: 5_000, flush_interval_ms: 200, writers: 2 }
+        ProjectorConfig { batch_size: 5_000, flush_interval_ms: 2, writers: 2 }
     }
 }
 
