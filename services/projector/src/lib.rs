@@ -8,6 +8,13 @@
 //! it. The folds themselves are idempotent and order-tolerant, so even a
 //! re-applied event could not move a status backwards.
 //!
+//! `projector.writers` transactions run side by side, each over its own
+//! partitions (partition number modulo the writers): offset rows are never
+//! shared between them, a partition's records are applied in order, and
+//! rows that two writers touch (a message's accepted row from the intents
+//! topic, an intent's counts) are locked in one order (sorted), so they
+//! wait for each other; a deadlock the database breaks is applied again.
+//!
 //! Undecodable records on the outcomes topic (which only the projector
 //! consumes) are dead-lettered; on the other topics their owning consumer
 //! does that, and the projector counts and skips them.
