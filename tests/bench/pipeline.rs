@@ -338,16 +338,9 @@ async fn paced_lag(
     .expect("delivered times");
     assert_eq!(delivered.len(), expected, "one delivered event per paced message");
     let span = (*delivered.last().expect("last") - delivered[0]).num_milliseconds().max(1) as f64 / 1000.0;
-    let mut lags: Vec<f64> = Vec::with_capacity(expected);
-    let mut s = 0;
-    for (k, at) in delivered.iter().enumerate() {
-        while s < samples.len() && (samples[s].1 as usize) < k + 1 {
-            s += 1;
-        }
-        let seen = samples.get(s).map(|x| x.0).unwrap_or_else(Utc::now);
-        lags.push((seen - *at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
-    }
-    lags.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| lags[((lags.len() as f64 - 1.0) * q).round() as usize];
+    let lags = lags_until_counted(&delivered, &samples, Utc::now(), |from, to| {
+        (to - from).num_microseconds().unwrap_or(0) as f64 / 1e6
+    });
+    let at = |q: f64| quantile(&lags, q);
     Paced { per_tick, submitted_per_s, delivered_per_s: expected as f64 / span, p50: at(0.5), p99: at(0.99) }
 }

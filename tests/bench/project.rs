@@ -338,17 +338,10 @@ async fn lag(rate: f64) -> (f64, f64, f64, f64, f64) {
     let _ = running.await;
 
     // The k-th delivered event is in the read model once the count reaches k.
-    let mut lags: Vec<f64> = Vec::with_capacity(n);
-    let mut s = 0;
-    for (k, sent) in delivered_sent.iter().enumerate() {
-        while s < samples.len() && (samples[s].1 as usize) < k + 1 {
-            s += 1;
-        }
-        let seen = samples.get(s).map(|x| x.0).unwrap_or_else(Instant::now);
-        lags.push(seen.saturating_duration_since(*sent).as_secs_f64());
-    }
-    lags.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| lags[((lags.len() as f64 - 1.0) * q).round() as usize];
+    let lags = lags_until_counted(&delivered_sent, &samples, Instant::now(), |from, to| {
+        to.saturating_duration_since(from).as_secs_f64()
+    });
+    let at = |q: f64| quantile(&lags, q);
     let receipts = raw_receipts.await.expect("raw consumer");
     assert_eq!(receipts.len(), n, "the raw consumer received every delivered record");
     let mut raw: Vec<f64> = delivered_keys
@@ -357,7 +350,7 @@ async fn lag(rate: f64) -> (f64, f64, f64, f64, f64) {
         .map(|(key, sent)| receipts[key].saturating_duration_since(*sent).as_secs_f64())
         .collect();
     raw.sort_by(|a, b| a.total_cmp(b));
-    let raw_at = |q: f64| raw[((raw.len() as f64 - 1.0) * q).round() as usize];
+    let raw_at = |q: f64| quantile(&raw, q);
     reporting.close().await;
     drop_databases(&config).await;
     (at(0.5), at(0.99), achieved, raw_at(0.5), raw_at(0.99))

@@ -563,6 +563,34 @@ where
     }
 }
 
+/// How long the k-th of `sent` (event times, oldest first) waited until a
+/// sampled count (`samples`: time and count, in order) first reached k + 1,
+/// in seconds, sorted; `now` stands for a count never reached, and
+/// `elapsed(from, to)` measures.
+pub fn lags_until_counted<T: Copy>(
+    sent: &[T],
+    samples: &[(T, i64)],
+    now: T,
+    elapsed: impl Fn(T, T) -> f64,
+) -> Vec<f64> {
+    let mut lags: Vec<f64> = Vec::with_capacity(sent.len());
+    let mut s = 0;
+    for (k, at) in sent.iter().enumerate() {
+        while s < samples.len() && (samples[s].1 as usize) < k + 1 {
+            s += 1;
+        }
+        let seen = samples.get(s).map(|x| x.0).unwrap_or(now);
+        lags.push(elapsed(*at, seen).max(0.0));
+    }
+    lags.sort_by(|a, b| a.total_cmp(b));
+    lags
+}
+
+/// The `q` quantile (0 to 1) of sorted values, nearest rank.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
 /// Benchmarks' synthetic log: one intent of `messages` recipients (a
 /// recipient batch per 1,000), then every message rendered, attempted and
 /// delivered, stage by stage.
