@@ -45,17 +45,8 @@ async fn main() {
     prepare(&config).await.expect("topics and databases");
     let key = ledger_ok(&config, &["tenants", "create", "acme"]).lines().last().expect("key").trim().to_owned();
 
-    let file = config.sink.dir.parent().expect("dir").join("ledger.toml");
-    let mut roles = Vec::new();
-    for role in ["ingest", "render", "dispatch", "project"] {
-        let child = ledger_command(&file)
-            .env("RUST_LOG", "warn")
-            .args(["run", role])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start a role");
-        roles.push((role, child));
-    }
+    // Killed when dropped, also when the benchmark panics.
+    let roles = Roles::start(config.clone(), &ROLES);
     let http = reqwest::Client::new();
     let base = format!("http://{}", config.http.listen);
     eventually("the API", Duration::from_secs(60), || async {
@@ -133,7 +124,7 @@ async fn main() {
             .expect("count");
     assert_eq!(delivered as usize, recipients, "every recipient delivered");
     let rss: Vec<(&str, f64)> =
-        roles.iter().map(|(role, child)| (*role, peak_rss_mib(child.id()).unwrap_or(f64::NAN))).collect();
+        ROLES.iter().map(|role| (*role, roles.pid(role).and_then(peak_rss_mib).unwrap_or(f64::NAN))).collect();
     let rate = recipients as f64 / total_secs;
 
     // Then the same processes at 70 % (BENCH_LAG_FRACTION) of that rate for
@@ -142,12 +133,7 @@ async fn main() {
     let fraction: f64 = std::env::var("BENCH_LAG_FRACTION").ok().and_then(|v| v.parse().ok()).unwrap_or(0.7);
     let lag_secs: u64 = std::env::var("BENCH_PIPELINE_LAG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let paced = paced_lag(&http, &base, &key, &reporting, intent, fraction * rate, lag_secs).await;
-    for (_, child) in &mut roles {
-        let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    }
-    for (_, child) in &mut roles {
-        let _ = child.wait();
-    }
+    drop(roles);
 
     let mut md = format!(
         "| end to end: {recipients}-recipient campaign (NDJSON, per-recipient variables) | value |\n|---|---:|\n\

@@ -597,4 +597,13 @@ mod tests {
         c.reporting_database_url = c.ops_database_url.clone();
         assert!(c.validate().is_err());
     }
+
+    #[test]
+    fn a_projector_without_writers_or_with_too_many_is_refused() {
+        for (writers, valid) in [(0, false), (1, true), (16, true), (17, false)] {
+            let mut c = Config::default();
+            c.projector.writers = writers;
+            assert_eq!(c.validate().is_ok(), valid, "{writers} writers");
+        }
+    }
 }
