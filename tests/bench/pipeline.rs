@@ -251,7 +251,6 @@ struct Paced {
 /// delivered, and returns the projection's lag: for the k-th *delivered*
 /// event (by its time), from that time until the read model's maintained
 /// count of delivered messages (sampled every 10 ms) reaches k.
-#[allow(clippy::too_many_arguments)]
 async fn paced_lag(
     http: &reqwest::Client,
     base: &str,

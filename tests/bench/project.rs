@@ -203,7 +203,8 @@ const LAG_MESSAGES: usize = 60_000;
 /// by a plain consumer of the outcomes topic, measured at the same time.
 async fn lag(rate: f64) -> (f64, f64, f64, f64, f64) {
     let mut config = test_config();
-    // The production default, not the tests' shorter flush.
+    // The production defaults (BENCH_PROJECT_WRITERS and BENCH_FLUSH_MS
+    // change them).
     config.projector = ledger_runtime::config::ProjectorConfig::default();
     config.projector.writers = writers();
     if let Some(ms) = std::env::var("BENCH_FLUSH_MS").ok().and_then(|v| v.parse().ok()) {
