@@ -65,16 +65,41 @@ impl IntentId {
         name.extend_from_slice(tenant.0.as_bytes());
         name.push(0);
         name.extend_from_slice(key.as_bytes());
-        Self(Uuid::new_v5(&NS_INTENT, &name))
+        Self(clustering(Uuid::new_v5(&NS_INTENT, &name)))
+    }
+
+    /// A new intent id that derives from nothing (an idempotency key that
+    /// outlived its retention starts one).
+    pub fn fresh() -> Self {
+        Self(clustering(Uuid::new_v4()))
+    }
+
+    /// Whether this intent's message ids begin with its own first 48 bits
+    /// (see `MessageId::derive`). Intents get such ids (version 8) since
+    /// 2026-12-03; older ones (version 5, or 4 from a renewed key) keep the
+    /// plain derivation, so re-rendering one never changes its message ids.
+    pub fn clusters_messages(self) -> bool {
+        self.0.get_version_num() == 8
     }
 }
+
+/// The same 122 bits marked as version 8 (RFC 9562 §5.8): an id of this
+/// crate's layout rather than a name-based one.
+fn clustering(id: Uuid) -> Uuid {
+    uuid::Builder::from_custom_bytes(*id.as_bytes()).into_uuid()
+}
+
+/// How many leading bytes a message id shares with its intent's id.
+const INTENT_PREFIX: usize = 6;
 
 impl IntentId {
     /// The intent of item `index` of a batch submission whose own intent id
     /// is `self`: each item is an independent intent, derived so that
     /// replaying the batch yields the same ids.
+    /// An item's id follows its batch's in how its messages' ids derive.
     pub fn item(self, index: u32) -> IntentId {
-        IntentId(Uuid::new_v5(&NS_INTENT, &[self.0.as_bytes().as_slice(), &index.to_be_bytes()].concat()))
+        let derived = Uuid::new_v5(&NS_INTENT, &[self.0.as_bytes().as_slice(), &index.to_be_bytes()].concat());
+        IntentId(if self.clusters_messages() { clustering(derived) } else { derived })
     }
 }
 
@@ -82,12 +107,26 @@ impl MessageId {
     /// A message id derives from (intent id, recipient), so rendering an
     /// intent twice yields the same messages. The recipient is normalised
     /// first: `A@Example.COM` and `a@example.com` are one recipient.
+    ///
+    /// The messages of an intent whose id is of version 8 (every intent
+    /// accepted now) begin with the intent id's first 48 bits, the other 74
+    /// bits coming from the hash. So a campaign's messages sit side by side
+    /// in every index keyed by message id (claims, read-model rows,
+    /// attempts): their inserts touch a few new index pages instead of
+    /// pages all over an index that grows with every campaign, each of which
+    /// the database must write whole into its log once per checkpoint.
     pub fn derive(intent: IntentId, recipient: &str) -> Self {
         let normalised = normalise_recipient(recipient);
         let mut name = Vec::with_capacity(16 + normalised.len());
         name.extend_from_slice(intent.0.as_bytes());
         name.extend_from_slice(normalised.as_bytes());
-        Self(Uuid::new_v5(&NS_MESSAGE, &name))
+        let hashed = Uuid::new_v5(&NS_MESSAGE, &name);
+        if !intent.clusters_messages() {
+            return Self(hashed);
+        }
+        let mut bytes = *hashed.as_bytes();
+        bytes[..INTENT_PREFIX].copy_from_slice(&intent.0.as_bytes()[..INTENT_PREFIX]);
+        Self(clustering(Uuid::from_bytes(bytes)))
     }
 }
 
@@ -199,6 +238,42 @@ mod tests {
     }
 
     #[test]
+    fn an_older_intent_keeps_the_message_ids_it_always_had() {
+        // Version 5 as every intent before 2026-12-03 (and 4, a renewed
+        // key's): the plain derivation, pinned.
+        let old = IntentId(Uuid::from_u128(7));
+        assert!(!old.clusters_messages());
+        assert_eq!(MessageId::derive(old, "Bob@example.com").to_string(), "aa1213a5-2694-50eb-a39e-f0c7f39d9273");
+        let batch = IntentId(Uuid::new_v5(&NS_INTENT, b"old batch"));
+        assert!(!batch.item(3).clusters_messages(), "an old batch's items keep the old derivation");
+        assert!(!IntentId(Uuid::new_v4()).clusters_messages());
+    }
+
+    #[test]
+    fn a_new_intents_messages_share_its_first_48_bits() {
+        let t = TenantId::parse("acme").unwrap();
+        for intent in [IntentId::from_idempotency_key(&t, "k-1"), IntentId::fresh()] {
+            assert!(intent.clusters_messages());
+            assert_eq!(intent.0.get_version_num(), 8);
+            assert!(intent.item(0).clusters_messages() && intent.item(0) != intent.item(1));
+            let a = MessageId::derive(intent, "a@example.com");
+            let b = MessageId::derive(intent, "b@example.com");
+            assert_ne!(a, b);
+            assert_eq!(a, MessageId::derive(intent, " A@Example.com"), "still derived from (intent, recipient)");
+            for m in [a, b] {
+                assert_eq!(m.0.get_version_num(), 8);
+                assert_eq!(m.0.get_variant(), uuid::Variant::RFC4122);
+                assert_eq!(m.0.as_bytes()[..INTENT_PREFIX], intent.0.as_bytes()[..INTENT_PREFIX]);
+            }
+        }
+        // Pinned: a key gives this intent id, and so these message ids, on
+        // every instance and release.
+        let intent = IntentId::from_idempotency_key(&t, "k-1");
+        assert_eq!(intent.0.to_string(), PINNED_INTENT);
+        assert_eq!(MessageId::derive(intent, "bob@example.com").to_string(), PINNED_MESSAGE);
+    }
+
+    #[test]
     fn an_endpoint_keeps_the_case_of_its_path_and_fragment() {
         assert_eq!(
             normalise_recipient(" HTTPS://Push.Example.NET/Send/AbC#p256dh=BXy&auth=Qq "),
@@ -216,11 +291,15 @@ mod tests {
         }
     }
 
+    const PINNED_INTENT: &str = "e798548e-13d5-87ee-a615-06fc43e90632";
+    const PINNED_MESSAGE: &str = "e798548e-13d5-8fda-a25c-39782a3f0c26";
+
     proptest! {
         #[test]
         fn distinct_recipients_of_one_intent_get_distinct_message_ids(a in "[a-z]{1,12}@[a-z]{1,8}\\.com", b in "[a-z]{1,12}@[a-z]{1,8}\\.com") {
-            let i = IntentId(Uuid::from_u128(42));
-            prop_assert_eq!(a == b, MessageId::derive(i, &a) == MessageId::derive(i, &b));
+            for i in [IntentId(Uuid::from_u128(42)), IntentId::from_idempotency_key(&TenantId::parse("acme").unwrap(), "k")] {
+                prop_assert_eq!(a == b, MessageId::derive(i, &a) == MessageId::derive(i, &b));
+            }
         }
 
         #[test]

@@ -98,7 +98,7 @@ async fn claim_or_find(
     if expired {
         // The key outlived its retention: it starts a new intent, which must
         // not share message ids with the old one.
-        let fresh = IntentId(Uuid::new_v4());
+        let fresh = IntentId::fresh();
         let updated = sqlx::query(
             "-- ingest::submit::claim_key (reuse expired)
              UPDATE idempotency_keys
