@@ -95,8 +95,8 @@ const INTENT_PREFIX: usize = 6;
 impl IntentId {
     /// The intent of item `index` of a batch submission whose own intent id
     /// is `self`: each item is an independent intent, derived so that
-    /// replaying the batch yields the same ids.
-    /// An item's id follows its batch's in how its messages' ids derive.
+    /// replaying the batch yields the same ids. An item's id follows its
+    /// batch's in how its messages' ids derive (see `clusters_messages`).
     pub fn item(self, index: u32) -> IntentId {
         let derived = Uuid::new_v5(&NS_INTENT, &[self.0.as_bytes().as_slice(), &index.to_be_bytes()].concat());
         IntentId(if self.clusters_messages() { clustering(derived) } else { derived })
