@@ -161,9 +161,22 @@ async fn random_and_malformed_requests_never_get_a_5xx_and_a_refused_one_produce
     eprintln!("statuses: {statuses:?}");
     assert!(statuses.keys().any(|s| (400..500).contains(s)), "the fuzzer reached the refusals");
     // Only accepted intents are on the log.
-    for e in app.read_topic(Topic::Intents) {
+    let on_log = app.read_topic(Topic::Intents);
+    for e in &on_log {
         assert!(accepted.contains(&e.intent_id.to_string()), "{} is on the log but was never accepted", e.intent_id);
     }
+    report(&Checked {
+        scenario: "hostile HTTP input (400 generated requests)".into(),
+        accepted: accepted.len() as i64,
+        replay_differences: -1,
+        notes: format!(
+            "random and malformed bodies, headers, paths and sizes; statuses {statuses:?}: no 5xx, every 4xx \
+             problem+json; {} records on the intents log, all of accepted intents (the ingest API alone: \
+             accepted, not delivered)",
+            on_log.len()
+        ),
+        ..Default::default()
+    });
     app.stop().await;
 }
 
@@ -240,5 +253,21 @@ async fn poison_on_every_consumed_topic_is_dead_lettered_with_its_reason_and_the
         sqlx::query_scalar("SELECT reason FROM dead_letters").fetch_all(&app.reporting).await.unwrap();
     assert!(reasons.iter().all(|r| !r.is_empty()), "every dead letter says why: {reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("message.rendered.v9")), "{reasons:?}");
+    report(&Checked {
+        scenario: "poison and malformed events (every consumed topic)".into(),
+        accepted: 1,
+        delivered: 1,
+        dead_lettered: found.values().sum::<i64>(),
+        replay_differences: -1,
+        notes: format!(
+            "garbage bytes, an unknown event version and missing fields on each of {} topics (intents, rendered, \
+             retries, outcomes): {} dead-lettered as malformed_event, {} as unknown_event_type, each with its \
+             reason; a message sent after them was delivered",
+            topics.len(),
+            found.iter().filter(|((_, code), _)| code == "malformed_event").map(|(_, n)| n).sum::<i64>(),
+            found.iter().filter(|((_, code), _)| code == "unknown_event_type").map(|(_, n)| n).sum::<i64>()
+        ),
+        ..Default::default()
+    });
     app.stop().await;
 }
