@@ -74,6 +74,13 @@ async fn put(config: &Config, events: &[Event]) {
 async fn throughput() -> (f64, f64) {
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
+    // The sink identity's call slots (`BENCH_DELIVER_CONCURRENCY`, default
+    // the configuration's own).
+    if let Some(n) = std::env::var("BENCH_DELIVER_CONCURRENCY").ok().and_then(|v| v.parse().ok()) {
+        for identity in &mut config.identities {
+            identity.concurrency = n;
+        }
+    }
     prepare(&config).await.expect("prepare");
     let input = rendered(IntentId(uuid::Uuid::new_v4()), messages());
     put(&config, &input).await;
