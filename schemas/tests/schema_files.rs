@@ -227,3 +227,109 @@ fn a_sample_of_every_event_type_conforms_to_its_schema_file() {
         assert_eq!(Event::from_json(&event.to_json()).unwrap(), event);
     }
 }
+
+/// `Event::from_json` reads the envelope in one pass; whatever it is given,
+/// it must agree with the derived decoder: the same event, or an error for
+/// both. The inputs are every sample, as written (`type` before `data`),
+/// as a `Value` writes it (keys sorted, so `data` first), and mutated:
+/// fields removed, replaced by other JSON values, or added.
+mod one_pass_decoder {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn derived(bytes: &[u8]) -> Option<Event> {
+        serde_json::from_slice::<Event>(bytes).ok()
+    }
+
+    fn odd_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            Just(Value::from(7)),
+            Just(Value::from(-1.5)),
+            Just(Value::from(true)),
+            Just(Value::from("x")),
+            Just(Value::from("delivery.delivered.v9")),
+            Just(serde_json::json!({})),
+            Just(serde_json::json!([1, 2])),
+            Just(Value::from("00000000-0000-0000-0000-000000000009")),
+            Just(Value::from("2026-12-05T10:00:00Z")),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Change {
+        Remove { top: bool, pick: usize },
+        Replace { top: bool, pick: usize, with: Value },
+        Add { top: bool, name: String, with: Value },
+        TypeOf { pick: usize },
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            (any::<bool>(), any::<usize>()).prop_map(|(top, pick)| Change::Remove { top, pick }),
+            (any::<bool>(), any::<usize>(), odd_value()).prop_map(|(top, pick, with)| Change::Replace { top, pick, with }),
+            (any::<bool>(), "[a-z_]{1,12}", odd_value()).prop_map(|(top, name, with)| Change::Add { top, name, with }),
+            any::<usize>().prop_map(|pick| Change::TypeOf { pick }),
+        ]
+    }
+
+    fn object(v: &mut Value, top: bool) -> Option<&mut serde_json::Map<String, Value>> {
+        let target = if top { v } else { v.get_mut("data")? };
+        target.as_object_mut()
+    }
+
+    fn apply(v: &mut Value, change: &Change) {
+        match change {
+            Change::Remove { top, pick } => {
+                if let Some(m) = object(v, *top) {
+                    if let Some(k) = m.keys().nth(pick % m.len().max(1)).cloned() {
+                        m.remove(&k);
+                    }
+                }
+            }
+            Change::Replace { top, pick, with } => {
+                if let Some(m) = object(v, *top) {
+                    if let Some(k) = m.keys().nth(pick % m.len().max(1)).cloned() {
+                        m.insert(k, with.clone());
+                    }
+                }
+            }
+            Change::Add { top, name, with } => {
+                if let Some(m) = object(v, *top) {
+                    m.insert(name.clone(), with.clone());
+                }
+            }
+            Change::TypeOf { pick } => {
+                let kinds = EventKind::ALL;
+                v["type"] = Value::from(kinds[pick % kinds.len()].type_name());
+            }
+        }
+    }
+
+    #[test]
+    fn every_sample_decodes_as_the_derived_decoder_does() {
+        for e in samples() {
+            let written = e.to_json();
+            assert_eq!(Event::from_json(&written).ok(), Some(e.clone()));
+            let sorted = serde_json::to_vec(&serde_json::to_value(&e).unwrap()).unwrap();
+            assert_eq!(Event::from_json(&sorted).ok(), Some(e));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        #[test]
+        fn mutated_events_decode_as_the_derived_decoder_does(
+            which in any::<usize>(),
+            changes in proptest::collection::vec(change(), 0..4),
+        ) {
+            let all = samples();
+            let mut v = serde_json::to_value(&all[which % all.len()]).unwrap();
+            for c in &changes {
+                apply(&mut v, c);
+            }
+            let bytes = serde_json::to_vec(&v).unwrap();
+            prop_assert_eq!(Event::from_json(&bytes).ok(), derived(&bytes), "{}", String::from_utf8_lossy(&bytes));
+        }
+    }
+}

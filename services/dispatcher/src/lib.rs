@@ -828,7 +828,8 @@ impl Inner {
         let state = if label == "ambiguous" { "ambiguous" } else { "done" };
         // Serialised once: the same bytes go into the claim and on the log.
         let encoded = kafka::Encoded::from(&outcome);
-        let json = String::from_utf8_lossy(&encoded.payload).into_owned();
+        // serde_json writes UTF-8 only: a plain check, not a lossy rescan.
+        let json = String::from_utf8(encoded.payload.clone()).unwrap_or_default();
         self.claims.record_outcome(OutcomeFor { message_id: id.0, state, outcome: json }).await?;
         kafka::send_encoded(&self.producer, &self.config, Topic::Outcomes, &id.to_string(), encoded).await?;
         if label == "ambiguous" {
