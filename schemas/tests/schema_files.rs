@@ -267,7 +267,11 @@ mod one_pass_decoder {
     fn change() -> impl Strategy<Value = Change> {
         prop_oneof![
             (any::<bool>(), any::<usize>()).prop_map(|(top, pick)| Change::Remove { top, pick }),
-            (any::<bool>(), any::<usize>(), odd_value()).prop_map(|(top, pick, with)| Change::Replace { top, pick, with }),
+            (any::<bool>(), any::<usize>(), odd_value()).prop_map(|(top, pick, with)| Change::Replace {
+                top,
+                pick,
+                with
+            }),
             (any::<bool>(), "[a-z_]{1,12}", odd_value()).prop_map(|(top, name, with)| Change::Add { top, name, with }),
             any::<usize>().prop_map(|pick| Change::TypeOf { pick }),
         ]
