@@ -128,6 +128,42 @@ async fn post_bytes(app: &TestApp, path: &str, key: String, body: Vec<u8>) -> Du
     started.elapsed()
 }
 
+/// Ingest's own time per step (`ledger_ingest_stage_seconds`): sum and
+/// count per stage, from its /metrics.
+async fn stage_totals(app: &TestApp) -> std::collections::BTreeMap<String, (f64, f64)> {
+    let text = app.http().get(app.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let mut totals = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        for (suffix, sum) in [("_sum{stage=\"", true), ("_count{stage=\"", false)] {
+            let Some(rest) = line.strip_prefix(&format!("ledger_ingest_stage_seconds{suffix}")) else { continue };
+            let Some((stage, value)) = rest.split_once("\"} ") else { continue };
+            let value: f64 = value.trim().parse().unwrap_or(0.0);
+            let entry = totals.entry(stage.to_owned()).or_insert((0.0, 0.0));
+            if sum {
+                entry.0 = value;
+            } else {
+                entry.1 = value;
+            }
+        }
+    }
+    totals
+}
+
+/// Mean milliseconds per stage between two scrapes, as JSON.
+fn stage_means(
+    before: &std::collections::BTreeMap<String, (f64, f64)>,
+    after: &std::collections::BTreeMap<String, (f64, f64)>,
+) -> Value {
+    let mut means = serde_json::Map::new();
+    for (stage, (sum, count)) in after {
+        let (sum0, count0) = before.get(stage).copied().unwrap_or((0.0, 0.0));
+        if count - count0 > 0.0 {
+            means.insert(format!("{stage}_ms"), json!((sum - sum0) / (count - count0) * 1000.0));
+        }
+    }
+    Value::Object(means)
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -159,21 +195,24 @@ async fn main() {
     let run = uuid::Uuid::new_v4().simple().to_string();
     let mut rows: Vec<Value> = Vec::new();
 
-    // Single messages, closed loop with 32 clients: the maximum rate.
-    const SINGLES: usize = 4000;
+    // Single messages, closed loop with 32 clients: the maximum rate
+    // (`BENCH_SINGLES` requests, default 4,000).
+    let singles = env_usize("BENCH_SINGLES", 4_000);
     const CLIENTS: usize = 32;
+    let stages_before = stage_totals(&app).await;
     let started = Instant::now();
-    let mut lat: Vec<Duration> = futures::stream::iter(0..SINGLES)
+    let mut lat: Vec<Duration> = futures::stream::iter(0..singles)
         .map(|i| post(&app, "/v1/messages", format!("{run}-s{i}"), single_body(i)))
         .buffer_unordered(CLIENTS)
         .collect()
         .await;
-    let single_rate = SINGLES as f64 / started.elapsed().as_secs_f64();
+    let single_rate = singles as f64 / started.elapsed().as_secs_f64();
+    let stages_max = stage_totals(&app).await;
     lat.sort();
     let raw_single = raw_produce(
         &app,
         &producer,
-        (0..SINGLES)
+        (0..singles)
             .flat_map(|i| {
                 let id = IntentId(uuid::Uuid::new_v4());
                 [header(id, 1, 1), batch(id, 0, vec![recipient(i)])]
@@ -184,11 +223,13 @@ async fn main() {
         / 2.0;
     rows.push(json!({ "form": "single (32 clients)", "intents_per_s": single_rate, "recipients_per_s": single_rate,
                       "raw_per_s": raw_single, "ratio": single_rate / raw_single,
-                      "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99) }));
+                      "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
+                      "stages": stage_means(&stages_before, &stages_max) }));
 
     // Single messages paced at 70 % of that maximum: latency under load.
     let paced_rate = single_rate * 0.7;
-    let paced_n = (paced_rate * 5.0) as usize;
+    // For `BENCH_PACED_SECS` seconds (default 5).
+    let paced_n = (paced_rate * env_usize("BENCH_PACED_SECS", 5) as f64) as usize;
     let interval = Duration::from_secs_f64(1.0 / paced_rate);
     let started = Instant::now();
     let mut handles = Vec::with_capacity(paced_n);
@@ -204,11 +245,25 @@ async fn main() {
     for h in handles {
         paced.push(h.await.expect("join"));
     }
+    let stages_paced = stage_means(&stages_max, &stage_totals(&app_ref).await);
     let achieved = paced_n as f64 / started.elapsed().as_secs_f64();
+    // `BENCH_LATENCY_DUMP=FILE`: each paced request's due time and latency
+    // (ms), to see whether slow ones come together.
+    if let Ok(path) = std::env::var("BENCH_LATENCY_DUMP") {
+        let lines: String = paced
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                format!("{:.1} {:.2}\n", interval.mul_f64(i as f64).as_secs_f64() * 1e3, l.as_secs_f64() * 1e3)
+            })
+            .collect();
+        std::fs::write(&path, lines).expect("BENCH_LATENCY_DUMP");
+    }
     paced.sort();
     rows.push(json!({ "form": "single at 70% of max", "intents_per_s": achieved, "recipients_per_s": achieved,
                       "raw_per_s": Value::Null, "ratio": Value::Null,
-                      "p50_ms": percentile(&paced, 0.5), "p99_ms": percentile(&paced, 0.99) }));
+                      "p50_ms": percentile(&paced, 0.5), "p99_ms": percentile(&paced, 0.99),
+                      "stages": stages_paced }));
     let app = std::sync::Arc::try_unwrap(app_ref).unwrap_or_else(|_| panic!("app still shared"));
 
     // Batches of 1,000 messages (`BENCH_BATCHES`, default 48), some at a
@@ -297,6 +352,17 @@ async fn main() {
             f(&r["ratio"], 2),
             f(&r["p50_ms"], 2),
             f(&r["p99_ms"], 2)
+        ));
+    }
+    md.push_str("\nWhere a single message's time goes inside ingest (mean ms per request, `ledger_ingest_stage_seconds`):\n\n| form | claim the key | produce (acks) | record the response |\n|---|---:|---:|---:|\n");
+    for r in rows.iter().filter(|r| r.get("stages").is_some()) {
+        let s = &r["stages"];
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r["form"].as_str().unwrap_or(""),
+            f(&s["claim_ms"], 2),
+            f(&s["produce_ms"], 2),
+            f(&s["record_ms"], 2)
         ));
     }
     println!("\ningest benchmark (debug = {}):\n\n{md}", cfg!(debug_assertions));

@@ -237,6 +237,49 @@ async fn concurrent_duplicates_get_one_intent_and_one_delivery() {
     app.stop().await;
 }
 
+/// Ingest records the response it gave without waiting for that commit to
+/// reach the disk (`submit::mark_accepted`). If PostgreSQL crashes and the
+/// record is lost, the key is *pending* again: a retry must get the same
+/// answer and cause no second delivery. Here the record is taken away by
+/// hand, as such a crash would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_response_record_gives_the_same_answer_and_one_delivery() {
+    let app = spawn_app().await;
+    let relaxed = ledger_runtime::db::pool_without_commit_wait(&app.config.ops_database_url, 1).await.expect("pool");
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&relaxed).await.expect("show");
+    assert_eq!(setting, "off", "the response record's pool does not wait for commits");
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&app.ops).await.expect("show");
+    assert_eq!(setting, "on", "everything else does");
+
+    let body = message("lost-record@example.com");
+    let first = app.post("/v1/messages", Some("lost-record"), &body).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let message_id = first.body["message_id"].as_str().expect("id").to_owned();
+    app.wait_for_status(&message_id, "delivered").await;
+    let lost = sqlx::query(
+        "UPDATE idempotency_keys SET state = 'pending', response = NULL WHERE key = 'lost-record' AND state = 'accepted'",
+    )
+    .execute(&app.ops)
+    .await
+    .expect("forget the response");
+    assert_eq!(lost.rows_affected(), 1, "the response was recorded");
+
+    let again = app.post("/v1/messages", Some("lost-record"), &body).await;
+    assert_eq!(again.status, 202, "{}", again.body);
+    assert_eq!(again.body, first.body, "the same response, every id derived from the key");
+    let other = app.post("/v1/messages", Some("lost-record"), &message("someone-else@example.com")).await;
+    assert_eq!(other.status, 409, "the request hash survived: {}", other.body);
+    let state: String = sqlx::query_scalar("SELECT state FROM idempotency_keys WHERE key = 'lost-record'")
+        .fetch_one(&app.ops)
+        .await
+        .expect("state");
+    assert_eq!(state, "accepted", "the retry recorded the response again");
+    // The retry produced the same events again; let them drain, then count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.sink_deliveries(&message_id), 1);
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_campaign_delivers_nothing_more_and_every_recipient_ends_terminal() {
     let mut config = test_config();

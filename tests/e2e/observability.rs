@@ -64,6 +64,10 @@ async fn a_campaign_moves_the_key_series_by_the_right_amounts() {
     assert_eq!(d(r#"ledger_deliveries_total{identity="local-sink",outcome="delivered",tenant="acme"}"#), 20.0);
     assert_eq!(d(r#"ledger_deliveries_total{identity="",outcome="suppressed_sandbox",tenant="acme"}"#), 1.0);
     assert_eq!(d(r#"ledger_kafka_produced_total{outcome="ok",topic="rendered"}"#), 21.0);
+    for stage in ["claim", "produce", "record"] {
+        let key = format!(r#"ledger_ingest_stage_seconds_count{{stage="{stage}"}}"#);
+        assert_eq!(d(&key), 1.0, "one {stage} step for one campaign");
+    }
     assert!(after.keys().any(|k| k.starts_with("ledger_http_request_seconds_bucket{")), "latency histogram");
     assert!(after.keys().any(|k| k.starts_with("ledger_provider_call_seconds_bucket{")), "provider latency");
     assert!(after.contains_key("ledger_projection_lag_seconds{}"));

@@ -45,6 +45,9 @@ pub struct AppState {
     pub config: Config,
     pub producer: FutureProducer,
     pub ops: PgPool,
+    /// The operational store without waiting for commits to reach the disk:
+    /// for `submit::mark_accepted` only.
+    pub ops_relaxed: PgPool,
     /// The read model, for status requests only.
     pub reporting: PgPool,
     pub auth: Authenticator,
@@ -82,11 +85,19 @@ pub struct Ingest {
 pub async fn build(config: &Config) -> Result<Ingest, RuntimeError> {
     let producer = kafka::producer(config)?;
     let ops = ledger_runtime::db::pool(&config.ops_database_url, 16).await?;
+    let ops_relaxed = ledger_runtime::db::pool_without_commit_wait(&config.ops_database_url, 8).await?;
     let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 4).await?;
     let listener = TcpListener::bind(config.http.listen)
         .await
         .map_err(|e| RuntimeError::Config(format!("cannot listen on {}: {e}", config.http.listen)))?;
-    let state = Arc::new(AppState { config: config.clone(), producer, ops, reporting, auth: Authenticator::default() });
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        producer,
+        ops,
+        ops_relaxed,
+        reporting,
+        auth: Authenticator::default(),
+    });
     let router = Router::new()
         .route(ROUTES[0].1, post(messages::send_message))
         .route(ROUTES[1].1, post(messages::send_batch))

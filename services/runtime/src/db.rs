@@ -18,6 +18,23 @@ pub async fn pool(url: &str, max_connections: u32) -> Result<PgPool, RuntimeErro
         .await?)
 }
 
+/// A pool whose transactions commit without waiting for their WAL to reach
+/// the disk (`synchronous_commit = off`). A crash of PostgreSQL itself can
+/// lose the last few hundred milliseconds of them, never corrupt anything.
+/// Only for writes whose loss the caller can repair: ingest's record of the
+/// response it gave (the key stays *pending*, and a retry produces the same
+/// derived events again and gets the same answer).
+pub async fn pool_without_commit_wait(url: &str, max_connections: u32) -> Result<PgPool, RuntimeError> {
+    let options = PgConnectOptions::from_str(url)?
+        .options([("synchronous_commit", "off")])
+        .log_statements(tracing::log::LevelFilter::Trace);
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?)
+}
+
 /// A pool whose connections resolve unqualified names in `schema` first
 /// (a read model rebuilt beside the live one).
 pub async fn pool_in_schema(url: &str, schema: &str, max_connections: u32) -> Result<PgPool, RuntimeError> {
