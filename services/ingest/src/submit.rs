@@ -135,8 +135,8 @@ async fn claim_or_find(
 
 /// Remembers the answer, so a replay gets exactly the same one.
 ///
-/// Its commit does not wait for the disk (half of a single message's
-/// latency under load was these two commits). Losing it in a crash of
+/// Its commit does not wait for the disk (the two commits were about half
+/// of a single message's time in ingest at the maximum rate). Losing it in a crash of
 /// PostgreSQL loses nothing accepted: the events are on the log already,
 /// the key stays *pending* with the same request hash and intent, and a
 /// retry with the same key produces the same derived events again (which
