@@ -10,12 +10,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use crate::error::RuntimeError;
 
 pub async fn pool(url: &str, max_connections: u32) -> Result<PgPool, RuntimeError> {
-    let options = PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Trace);
-    Ok(PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await?)
+    connect(url, &[], max_connections).await
 }
 
 /// A pool whose transactions commit without waiting for their WAL to reach
@@ -25,22 +20,21 @@ pub async fn pool(url: &str, max_connections: u32) -> Result<PgPool, RuntimeErro
 /// response it gave (the key stays *pending*, and a retry produces the same
 /// derived events again and gets the same answer).
 pub async fn pool_without_commit_wait(url: &str, max_connections: u32) -> Result<PgPool, RuntimeError> {
-    let options = PgConnectOptions::from_str(url)?
-        .options([("synchronous_commit", "off")])
-        .log_statements(tracing::log::LevelFilter::Trace);
-    Ok(PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await?)
+    connect(url, &[("synchronous_commit", "off")], max_connections).await
 }
 
 /// A pool whose connections resolve unqualified names in `schema` first
 /// (a read model rebuilt beside the live one).
 pub async fn pool_in_schema(url: &str, schema: &str, max_connections: u32) -> Result<PgPool, RuntimeError> {
-    let options = PgConnectOptions::from_str(url)?
-        .options([("search_path", schema)])
-        .log_statements(tracing::log::LevelFilter::Trace);
+    connect(url, &[("search_path", schema)], max_connections).await
+}
+
+/// A pool on `url` whose connections start with these session settings.
+async fn connect(url: &str, settings: &[(&str, &str)], max_connections: u32) -> Result<PgPool, RuntimeError> {
+    let mut options = PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Trace);
+    if !settings.is_empty() {
+        options = options.options(settings.iter().copied());
+    }
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
