@@ -3,7 +3,7 @@
 //! 1. Throughput, governor off: rendered messages already on the topic,
 //!    delivered by one dispatcher (claims, attempted and outcome events,
 //!    durable sink), as a ratio to a raw consume of the same records in the
-//!    same run.
+//!    same run; once at 30,000 messages and once sustained, at 200,000.
 //! 2. The governor: a 6,000-a-minute identity served by two dispatcher
 //!    instances with more than a minute's worth of messages waiting; the
 //!    deliveries in the first 60 s against 6,000.
@@ -27,6 +27,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Messages of the throughput part (`BENCH_DELIVER_MESSAGES`, default 30,000).
 fn messages() -> usize {
     std::env::var("BENCH_DELIVER_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000)
+}
+/// Messages of the sustained run (`BENCH_DELIVER_SUSTAINED`, default
+/// 200,000; 0 skips it). At 30,000 both sides are a second or two, of which
+/// starting up (joining the group, the first fetch) is a large part; the
+/// sustained run shows the rates once both are going.
+fn sustained() -> usize {
+    std::env::var("BENCH_DELIVER_SUSTAINED").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000)
 }
 const GOVERNED: usize = 7_000;
 
@@ -71,7 +78,7 @@ async fn put(config: &Config, events: &[Event]) {
         .expect("input");
 }
 
-async fn throughput() -> (f64, f64) {
+async fn throughput(messages: usize) -> (f64, f64) {
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
     // The sink identity's call slots (`BENCH_DELIVER_CONCURRENCY`, default
@@ -82,11 +89,11 @@ async fn throughput() -> (f64, f64) {
         }
     }
     prepare(&config).await.expect("prepare");
-    let input = rendered(IntentId(uuid::Uuid::new_v4()), messages());
+    let input = rendered(IntentId(uuid::Uuid::new_v4()), messages);
     put(&config, &input).await;
 
     let started = Instant::now();
-    let raw_done = count_until(&config, Topic::Rendered, messages(), Duration::from_secs(300)).await;
+    let raw_done = count_until(&config, Topic::Rendered, messages, Duration::from_secs(300)).await;
     let raw_secs = (raw_done - started).as_secs_f64();
 
     let shutdown = Shutdown::new();
@@ -94,12 +101,12 @@ async fn throughput() -> (f64, f64) {
     let started = Instant::now();
     let task = tokio::spawn(dispatcher.run(shutdown.clone()));
     // Attempted and delivered: two outcome records per message.
-    let done = count_until(&config, Topic::Outcomes, 2 * messages(), Duration::from_secs(900)).await;
+    let done = count_until(&config, Topic::Outcomes, 2 * messages, Duration::from_secs(900)).await;
     let dispatch_secs = (done - started).as_secs_f64();
     shutdown.trigger();
     let _ = task.await;
     let sunk = ledger_dispatcher::sink::read_deliveries(&config.sink.dir).expect("sink").len();
-    assert_eq!(sunk, messages(), "every message reached the sink once");
+    assert_eq!(sunk, messages, "every message reached the sink once");
     drop_databases(&config).await;
     (raw_secs, dispatch_secs)
 }
@@ -110,15 +117,20 @@ async fn main() {
     quiet.log_filter = "warn".into();
     ledger_runtime::telemetry::init(&quiet);
     // 1. Throughput (BENCH_GOVERNOR_ONLY=1 skips it).
-    let (raw_secs, dispatch_secs) =
-        if std::env::var_os("BENCH_GOVERNOR_ONLY").is_none() { throughput().await } else { (f64::NAN, f64::NAN) };
+    let measure = std::env::var_os("BENCH_GOVERNOR_ONLY").is_none();
+    let (raw_secs, dispatch_secs) = if measure { throughput(messages()).await } else { (f64::NAN, f64::NAN) };
+    let long = sustained();
+    let (long_raw_secs, long_dispatch_secs) =
+        if measure && long > 0 { throughput(long).await } else { (f64::NAN, f64::NAN) };
     if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {
-        println!(
-            "dispatcher → sink: {:.0}/s, raw consume {:.0}/s, ratio {:.3}",
-            messages() as f64 / dispatch_secs,
-            messages() as f64 / raw_secs,
-            raw_secs / dispatch_secs
-        );
+        for (n, raw, dispatch) in [(messages(), raw_secs, dispatch_secs), (long, long_raw_secs, long_dispatch_secs)] {
+            println!(
+                "{n} messages: dispatcher → sink: {:.0}/s, raw consume {:.0}/s, ratio {:.3}",
+                n as f64 / dispatch,
+                n as f64 / raw,
+                raw / dispatch
+            );
+        }
         return;
     }
     // 2. The governor: 6,000 a minute, two instances.
@@ -184,14 +196,18 @@ async fn main() {
     let n = messages();
     let raw_rate = n as f64 / raw_secs;
     let rate = messages() as f64 / dispatch_secs;
+    let (long_raw_rate, long_rate) = (long as f64 / long_raw_secs, long as f64 / long_dispatch_secs);
     let md = format!(
         "| measure | messages | seconds | messages/s | ratio |\n|---|---:|---:|---:|---:|\n\
          | raw consume of the rendered records | {n} | {raw_secs:.2} | {raw_rate:.0} | 1.00 |\n\
-         | dispatcher → sink, governor off | {n} | {dispatch_secs:.2} | {rate:.0} | {:.3} |\n\n\
+         | dispatcher → sink, governor off | {n} | {dispatch_secs:.2} | {rate:.0} | {:.3} |\n\
+         | raw consume, sustained | {long} | {long_raw_secs:.2} | {long_raw_rate:.0} | 1.00 |\n\
+         | dispatcher → sink, sustained | {long} | {long_dispatch_secs:.2} | {long_rate:.0} | {:.3} |\n\n\
          | governor: 6,000/min identity, 2 instances | value |\n|---|---:|\n\
          | deliveries in the first 60 s | {in_window} |\n| deviation from 6,000 | {deviation:+.2} % |\n\
          | most in any 1 s | {worst_second} (limit 100, burst {}) |\n",
         rate / raw_rate,
+        long_rate / long_raw_rate,
         identity.effective_burst()
     );
     println!("\ndeliver benchmark (debug = {}):\n\n{md}", cfg!(debug_assertions));
@@ -201,6 +217,8 @@ async fn main() {
         "bench-out/deliver.json",
         serde_json::to_string_pretty(&json!({
             "messages": messages(), "raw_consume_per_s": raw_rate, "dispatch_per_s": rate, "ratio": rate / raw_rate,
+            "sustained": { "messages": long, "raw_consume_per_s": long_raw_rate, "dispatch_per_s": long_rate,
+                           "ratio": long_rate / long_raw_rate },
             "governor": { "limit_per_minute": 6000, "instances": 2, "in_first_60s": in_window,
                           "deviation_percent": deviation, "max_in_one_second": worst_second },
             "measured_at": chrono::Utc::now() }))
