@@ -7,9 +7,12 @@
 //! 2. The governor: a 6,000-a-minute identity served by two dispatcher
 //!    instances with more than a minute's worth of messages waiting; the
 //!    deliveries in the first 60 s against 6,000.
+//! 3. The log floor: each rendered record consumed and two records the size
+//!    of its attempted and outcome events produced, nothing else — what
+//!    invariant 4 alone costs, as a ratio to raw consume in the same run.
 //!
 //! Prints a table and writes bench-out/deliver.{json,md}. BENCH_THROUGHPUT_ONLY=1
-//! stops after the first part, BENCH_GOVERNOR_ONLY=1 runs only the second.
+//! skips the second part, BENCH_GOVERNOR_ONLY=1 runs only the second.
 
 use std::time::{Duration, Instant};
 
@@ -111,6 +114,100 @@ async fn throughput(messages: usize) -> (f64, f64) {
     (raw_secs, dispatch_secs)
 }
 
+/// The floor under any dispatcher that keeps invariant 4: what it must put
+/// on the log for each message, and nothing else. Every rendered record is
+/// read (the raw consumer's settings) and two records the size of the
+/// message's attempted and delivered events go to the outcomes topic under
+/// its key, through the dispatcher's own producer settings, without waiting
+/// for their acknowledgements: no decoding, no claims, no provider, no
+/// database. Ends as the dispatcher's run does, when the 2n records are
+/// counted on the outcomes topic. Returns (raw consume s, floor s) of the
+/// same records in the same run.
+async fn log_floor(messages: usize) -> (f64, f64) {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::FutureRecord;
+    use rdkafka::Message;
+    let mut config = test_config();
+    config.telemetry.log_filter = "warn".into();
+    prepare(&config).await.expect("prepare");
+    let input = rendered(IntentId(uuid::Uuid::new_v4()), messages);
+    put(&config, &input).await;
+    let started = Instant::now();
+    let raw_done = count_until(&config, Topic::Rendered, messages, Duration::from_secs(300)).await;
+    let raw_secs = (raw_done - started).as_secs_f64();
+
+    // The two events of the first message, encoded once: their sizes stand
+    // for every message's.
+    let first = &input[0];
+    let id = first.message_id.expect("id");
+    let outcome = |what: &str, body: EventBody| Event {
+        event_id: EventId::derive(id.0, what, 1),
+        body,
+        tenant_id: first.tenant_id.clone(),
+        intent_id: first.intent_id,
+        message_id: Some(id),
+        occurred_at: chrono::Utc::now(),
+        correlation_id: first.correlation_id.clone(),
+    };
+    let attempted = kafka::Encoded::from(&outcome(
+        "attempted",
+        EventBody::DeliveryAttempted(ledger_schemas::DeliveryAttempted {
+            attempt: 1,
+            channel: Channel::Email,
+            recipient: "c0@example.com".into(),
+            provider: "sink".into(),
+            identity: Some("default".into()),
+        }),
+    ));
+    let delivered = kafka::Encoded::from(&outcome(
+        "delivered",
+        EventBody::Delivered(ledger_schemas::Delivered {
+            attempt: 1,
+            provider: "sink".into(),
+            provider_message_id: Some(uuid::Uuid::new_v4().to_string()),
+            identity: Some("default".into()),
+        }),
+    ));
+    drop(input);
+    let producer = kafka::producer(&config).expect("producer");
+    let consumer: BaseConsumer = assigned(&config, Topic::Rendered);
+    let outcomes = config.topic(Topic::Outcomes);
+    let started = Instant::now();
+    let counted = {
+        let config = config.clone();
+        tokio::spawn(async move { count_until(&config, Topic::Outcomes, 2 * messages, Duration::from_secs(300)).await })
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut seen = 0;
+        while seen < messages {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else { continue };
+            seen += 1;
+            let key = m.key().unwrap_or_default();
+            for e in [&attempted, &delivered] {
+                loop {
+                    let record = FutureRecord::to(&outcomes).key(key).payload(&e.payload).headers(e.headers.clone());
+                    match producer.send_result(record) {
+                        Ok(_) => break,
+                        Err((e, _)) => {
+                            assert!(
+                                matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                                "produce: {e}"
+                            );
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            }
+        }
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60)).expect("flush");
+    })
+    .await
+    .expect("floor");
+    let floor_secs = (counted.await.expect("count") - started).as_secs_f64();
+    drop_databases(&config).await;
+    (raw_secs, floor_secs)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let mut quiet = test_config().telemetry;
@@ -122,7 +219,17 @@ async fn main() {
     let long = sustained();
     let (long_raw_secs, long_dispatch_secs) =
         if measure && long > 0 { throughput(long).await } else { (f64::NAN, f64::NAN) };
+    // The floor of the same size as the sustained run.
+    let (floor_raw_secs, floor_secs) = if measure && long > 0 { log_floor(long).await } else { (f64::NAN, f64::NAN) };
     if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {
+        if long > 0 {
+            println!(
+                "{long} messages: log floor (consume + 2 produces, nothing else): {:.0}/s, raw consume {:.0}/s, ratio {:.3}",
+                long as f64 / floor_secs,
+                long as f64 / floor_raw_secs,
+                floor_raw_secs / floor_secs
+            );
+        }
         let runs = [(messages(), raw_secs, dispatch_secs), (long, long_raw_secs, long_dispatch_secs)];
         for (n, raw, dispatch) in runs.into_iter().filter(|(n, _, _)| *n > 0) {
             println!(
@@ -198,11 +305,15 @@ async fn main() {
     let raw_rate = n as f64 / raw_secs;
     let rate = messages() as f64 / dispatch_secs;
     let (long_raw_rate, long_rate) = (long as f64 / long_raw_secs, long as f64 / long_dispatch_secs);
+    let (floor_raw_rate, floor_rate) = (long as f64 / floor_raw_secs, long as f64 / floor_secs);
     let sustained_rows = if long > 0 {
         format!(
             "| raw consume, sustained | {long} | {long_raw_secs:.2} | {long_raw_rate:.0} | 1.00 |\n\
-             | dispatcher → sink, sustained | {long} | {long_dispatch_secs:.2} | {long_rate:.0} | {:.3} |\n",
-            long_rate / long_raw_rate
+             | dispatcher → sink, sustained | {long} | {long_dispatch_secs:.2} | {long_rate:.0} | {:.3} |\n\
+             | raw consume, floor run | {long} | {floor_raw_secs:.2} | {floor_raw_rate:.0} | 1.00 |\n\
+             | log floor: consume + 2 produces, nothing else | {long} | {floor_secs:.2} | {floor_rate:.0} | {:.3} |\n",
+            long_rate / long_raw_rate,
+            floor_rate / floor_raw_rate
         )
     } else {
         String::new()
@@ -227,6 +338,8 @@ async fn main() {
             "messages": messages(), "raw_consume_per_s": raw_rate, "dispatch_per_s": rate, "ratio": rate / raw_rate,
             "sustained": { "messages": long, "raw_consume_per_s": long_raw_rate, "dispatch_per_s": long_rate,
                            "ratio": long_rate / long_raw_rate },
+            "log_floor": { "messages": long, "raw_consume_per_s": floor_raw_rate, "floor_per_s": floor_rate,
+                           "ratio": floor_rate / floor_raw_rate },
             "governor": { "limit_per_minute": 6000, "instances": 2, "in_first_60s": in_window,
                           "deviation_percent": deviation, "max_in_one_second": worst_second },
             "measured_at": chrono::Utc::now() }))
