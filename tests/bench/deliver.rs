@@ -81,6 +81,17 @@ async fn put(config: &Config, events: &[Event]) {
         .expect("input");
 }
 
+/// Sets up `config`'s topics and store, puts `messages` rendered messages
+/// on the topic, and times a raw consume of them: (the messages, seconds).
+async fn rendered_and_raw_consume(config: &Config, messages: usize) -> (Vec<Event>, f64) {
+    prepare(config).await.expect("prepare");
+    let input = rendered(IntentId(uuid::Uuid::new_v4()), messages);
+    put(config, &input).await;
+    let started = Instant::now();
+    let raw_done = count_until(config, Topic::Rendered, messages, Duration::from_secs(300)).await;
+    (input, (raw_done - started).as_secs_f64())
+}
+
 async fn throughput(messages: usize) -> (f64, f64) {
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
@@ -91,13 +102,7 @@ async fn throughput(messages: usize) -> (f64, f64) {
             identity.concurrency = n;
         }
     }
-    prepare(&config).await.expect("prepare");
-    let input = rendered(IntentId(uuid::Uuid::new_v4()), messages);
-    put(&config, &input).await;
-
-    let started = Instant::now();
-    let raw_done = count_until(&config, Topic::Rendered, messages, Duration::from_secs(300)).await;
-    let raw_secs = (raw_done - started).as_secs_f64();
+    let (_, raw_secs) = rendered_and_raw_consume(&config, messages).await;
 
     let shutdown = Shutdown::new();
     let dispatcher = ledger_dispatcher::build(&config).await.expect("dispatcher");
@@ -129,12 +134,7 @@ async fn log_floor(messages: usize) -> (f64, f64) {
     use rdkafka::Message;
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
-    prepare(&config).await.expect("prepare");
-    let input = rendered(IntentId(uuid::Uuid::new_v4()), messages);
-    put(&config, &input).await;
-    let started = Instant::now();
-    let raw_done = count_until(&config, Topic::Rendered, messages, Duration::from_secs(300)).await;
-    let raw_secs = (raw_done - started).as_secs_f64();
+    let (input, raw_secs) = rendered_and_raw_consume(&config, messages).await;
 
     // The two events of the first message, encoded once: their sizes stand
     // for every message's.
