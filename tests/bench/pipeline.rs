@@ -241,7 +241,7 @@ async fn main() {
         ));
     }
     if let Some(v) = read_json("deliver") {
-        // The sustained run where there is one: 300,000 messages are far
+        // The sustained run where there is one: its 200,000 messages are far
         // past the start-up that dominates the 30,000-message run.
         let run =
             if v["sustained"]["dispatch_per_s"].as_f64().is_some_and(f64::is_finite) { &v["sustained"] } else { &v };
