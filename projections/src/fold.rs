@@ -489,6 +489,7 @@ pub fn patches(event: &Event) -> Vec<MessagePatch> {
             p.attempts = a.attempt as i32;
             p.status_attempt = a.attempt as i32;
             p.first_attempt_at = at;
+            p.rendered_at = a.rendered_at;
             p.identity_attempt = if a.identity.is_some() { a.attempt as i32 } else { 0 };
             p.identity = a.identity.clone();
             p
@@ -635,6 +636,7 @@ mod tests {
                     recipient: "a@x.io".into(),
                     provider: "sink".into(),
                     identity: Some("mail-a".into()),
+                    rendered_at: Some(Utc.timestamp_opt(1_800_000_001, 0).unwrap()),
                 }),
             ),
             ev(
@@ -657,6 +659,7 @@ mod tests {
                     recipient: "a@x.io".into(),
                     provider: "sink".into(),
                     identity: Some("mail-a".into()),
+                    rendered_at: Some(Utc.timestamp_opt(1_800_000_001, 0).unwrap()),
                 }),
             ),
             ev(
@@ -697,6 +700,16 @@ mod tests {
         let rendered = events.remove(1);
         events.push(rendered);
         assert_eq!(fold(&events).status, Status::Delivered);
+    }
+
+    #[test]
+    fn the_attempt_carries_the_rendered_time_so_a_late_rendered_event_adds_nothing() {
+        let events = lifecycle();
+        let without_rendered: Vec<Event> =
+            events.iter().filter(|e| !matches!(e.body, EventBody::MessageRendered(_))).cloned().collect();
+        let row = fold(&without_rendered);
+        assert_eq!(row.rendered_at, Some(events[1].occurred_at));
+        assert_eq!(row, fold(&events));
     }
 
     /// A permanent failure at attempt 1, redriven: attempt 2 delivers.

@@ -175,12 +175,29 @@ const MESSAGES_WINS: [(&str, &str); 4] = [
     ),
 ];
 
-/// [`MESSAGES_MERGE`] with the patch's row called `new`.
+/// [`MESSAGES_MERGE`] with the patch's row called `new`, followed by the
+/// condition under which that merge changes the stored row: a patch that
+/// the row already holds (a replayed event, or a rendered event that
+/// arrives after its attempt, which carried the same time) is skipped
+/// rather than rewritten as an identical new row version.
 fn messages_merge(new: &str) -> String {
-    MESSAGES_WINS
-        .iter()
-        .fold(MESSAGES_MERGE.to_owned(), |set, (name, comparison)| set.replace(name, comparison))
-        .replace("NEW.", &format!("{new}."))
+    let resolve = |expr: &str| {
+        MESSAGES_WINS
+            .iter()
+            .fold(expr.to_owned(), |e, (name, comparison)| e.replace(name, comparison))
+            .replace("NEW.", &format!("{new}."))
+    };
+    let (columns, merged): (Vec<&str>, Vec<String>) = MESSAGES_MERGE
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (column, expr) = l.split_once(" = ").expect("each line of MESSAGES_MERGE is `column = expression`");
+            (column.trim(), resolve(expr.trim().trim_end_matches(',')))
+        })
+        .unzip();
+    let set: Vec<String> = columns.iter().zip(&merged).map(|(c, e)| format!("{c} = {e}")).collect();
+    let stored: Vec<String> = columns.iter().map(|c| format!("messages.{c}")).collect();
+    format!("{}\n    WHERE ({}) IS DISTINCT FROM ({})", set.join(",\n    "), stored.join(", "), merged.join(", "))
 }
 
 /// Inserts the batch's messages, merging those that exist already.
@@ -353,4 +370,32 @@ pub async fn apply(conn: &mut PgConnection, fold: &Fold) -> Result<AppliedBatch,
         applied.dead_letters = result.rows_affected();
     }
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_merge_sets_every_column_and_compares_the_same_columns_with_their_merged_values() {
+        let sql = INSERT_MESSAGES.as_str();
+        for name in ["s.wins", "e.wins", "t.wins", "i.wins", "NEW."] {
+            assert!(!sql.contains(name), "{name} left unresolved");
+        }
+        let columns: Vec<&str> = MESSAGES_MERGE
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.split_once(" = ").expect("column = expression").0.trim())
+            .collect();
+        assert_eq!(columns.len(), 26);
+        let (set, condition) = sql.split_once("\n    WHERE (").expect("a condition after the SET list");
+        for column in &columns {
+            let set_here = [format!("SET {column} = "), format!(",\n    {column} = ")];
+            assert!(set_here.iter().any(|s| set.contains(s.as_str())), "{column} is not set");
+        }
+        let stored: Vec<String> = columns.iter().map(|c| format!("messages.{c}")).collect();
+        let (compared, merged) = condition.split_once(") IS DISTINCT FROM (").expect("IS DISTINCT FROM");
+        assert_eq!(compared, stored.join(", "));
+        assert_eq!(merged.matches("EXCLUDED.").count(), set.matches("EXCLUDED.").count());
+    }
 }

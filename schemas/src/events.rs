@@ -99,6 +99,14 @@ pub fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S
     s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
 }
 
+/// [`rfc3339`] for an optional time (skipped when absent).
+pub fn rfc3339_opt<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// Event bodies, tagged with their type and version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
@@ -458,6 +466,12 @@ pub struct DeliveryAttempted {
     /// The sender identity (provider account) the attempt went through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// When the message attempted was rendered: the `occurred_at` of its
+    /// `message.rendered.v1` event. The read model takes the stage time
+    /// from either event, so a rendered event that reaches it after the
+    /// attempt changes nothing and costs no write.
+    #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "rfc3339_opt")]
+    pub rendered_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -122,6 +122,7 @@ fn samples() -> Vec<Event> {
             recipient: "x@y.z".into(),
             provider: "sink".into(),
             identity: None,
+            rendered_at: Some(Utc::now()),
         })),
         sample(EventBody::Delivered(Delivered {
             attempt: 1,

@@ -157,6 +157,7 @@ async fn log_floor(messages: usize) -> (f64, f64) {
             recipient: "c0@example.com".into(),
             provider: "sink".into(),
             identity: Some("default".into()),
+            rendered_at: Some(first.occurred_at),
         }),
     ));
     let delivered = kafka::Encoded::from(&outcome(

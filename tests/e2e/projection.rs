@@ -58,6 +58,7 @@ fn events() -> Vec<Event> {
                 recipient: "a@example.com".into(),
                 provider: "sink".into(),
                 identity: Some("mail-a".into()),
+                rendered_at: Some(chrono::Utc.timestamp_opt(1_800_000_001, 0).unwrap()),
             }),
         ),
         ev(
@@ -80,6 +81,7 @@ fn events() -> Vec<Event> {
                 recipient: "a@example.com".into(),
                 provider: "sink".into(),
                 identity: Some("mail-a".into()),
+                rendered_at: Some(chrono::Utc.timestamp_opt(1_800_000_001, 0).unwrap()),
             }),
         ),
         ev(
@@ -145,6 +147,26 @@ async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
     assert_eq!(in_order["bounced_at"], Value::Null);
     assert_eq!((in_order["template"].as_str(), in_order["template_version"].as_i64()), (Some("welcome"), Some(3)));
 
+    // Applied again, every event is one the row already holds: the merge
+    // changes nothing, so no new row version is written (its xmin stays).
+    let xmin = || sqlx::query_scalar::<_, String>("SELECT xmin::text FROM messages").fetch_one(&pool);
+    let written = xmin().await.expect("xmin");
+    apply_one_by_one(&pool, &events).await;
+    assert_eq!(xmin().await.expect("xmin"), written, "a replayed event rewrote an unchanged row");
+    assert_eq!(row(&pool).await, in_order);
+
+    // A rendered event that reaches the read model after its attempt, which
+    // carried the rendered time, is one of those too.
+    sqlx::query("TRUNCATE messages").execute(&pool).await.expect("truncate");
+    let rendered = events.iter().position(|e| matches!(e.body, EventBody::MessageRendered(_))).expect("rendered");
+    let mut late = events.clone();
+    let rendered = late.remove(rendered);
+    apply_one_by_one(&pool, &late).await;
+    assert_eq!(row(&pool).await, in_order, "the attempt gave the row its rendered time");
+    let written = xmin().await.expect("xmin");
+    apply_one_by_one(&pool, &[rendered]).await;
+    assert_eq!(xmin().await.expect("xmin"), written, "the late rendered event rewrote an unchanged row");
+
     // Reversed, with everything applied twice: the same row.
     sqlx::query("TRUNCATE messages").execute(&pool).await.expect("truncate");
     let mut reversed: Vec<Event> = events.iter().rev().cloned().collect();
@@ -161,6 +183,14 @@ async fn the_sql_merge_agrees_with_the_pure_fold_in_any_order_and_on_replay() {
     assert_eq!(patch.status.as_str(), in_order["status"]);
     assert_eq!(Value::from(patch.attempts), in_order["attempts"]);
     assert_eq!(patch.opened_at.map(|t| t.timestamp()), Some(1_800_000_006));
+
+    // An event that does say something new is written.
+    let written = xmin().await.expect("xmin");
+    let mut complaint = events[0].clone();
+    complaint.body = feedback(FeedbackKind::Complained, "c-1", 8);
+    apply_one_by_one(&pool, &[complaint]).await;
+    assert_ne!(xmin().await.expect("xmin"), written);
+    assert_eq!(row(&pool).await["complained_at"], "2027-01-15T08:00:08+00:00");
     pool.close().await;
     drop_databases(&config).await;
 }

@@ -655,6 +655,7 @@ pub fn lifecycle_events_of_size(messages: usize) -> Vec<Event> {
                         recipient: address(i),
                         provider: "sink".into(),
                         identity: None,
+                        rendered_at: None,
                     }),
                     "attempted",
                 ),

@@ -715,6 +715,7 @@ impl Inner {
                 recipient: message.recipient.clone(),
                 provider: provider.to_owned(),
                 identity: Some(name.to_owned()),
+                rendered_at: Some(event.occurred_at),
             }),
         );
         match marked {
