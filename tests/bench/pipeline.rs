@@ -49,7 +49,7 @@ async fn main() {
     let key = ledger_ok(&config, &["tenants", "create", "acme"]).lines().last().expect("key").trim().to_owned();
 
     // Killed when dropped, also when the benchmark panics.
-    let roles = Roles::start(config.clone(), &ROLES);
+    let mut roles = Roles::start(config.clone(), &ROLES);
     let http = reqwest::Client::new();
     let base = format!("http://{}", config.http.listen);
     eventually("the API", Duration::from_secs(60), || async {
@@ -108,6 +108,9 @@ async fn main() {
         if terminal as usize >= recipients {
             break;
         }
+        // A role that died (a failing statement, a panic) would otherwise
+        // leave this loop waiting out its ten minutes in silence.
+        roles.assert_running();
         assert!(started.elapsed() < Duration::from_secs(600), "only {terminal} of {recipients} terminal after 10 min");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -134,6 +137,7 @@ async fn main() {
         if projection_caught_up(&config, &reporting).await {
             break started.elapsed().as_secs_f64();
         }
+        roles.assert_running();
         assert!(started.elapsed() < Duration::from_secs(900), "the projector not at the end of the log after 15 min");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
