@@ -45,6 +45,7 @@ async fn main() {
     config.telemetry.log_filter = "warn".into();
     config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     config.projector = ledger_runtime::config::ProjectorConfig::default();
+    let config = with_overrides(config);
     prepare(&config).await.expect("topics and databases");
     let key = ledger_ok(&config, &["tenants", "create", "acme"]).lines().last().expect("key").trim().to_owned();
 
@@ -441,6 +442,33 @@ async fn paced_lag(
         p50: at(0.5),
         p99: at(0.99),
     }
+}
+
+/// `BENCH_CONFIG`: TOML merged over the roles' configuration, to compare
+/// settings (`BENCH_CONFIG='projector.writers = 4'`). It is the only way
+/// in: the role processes see no `LEDGER_*` variable (`ledger_command`
+/// removes them), and read what this benchmark writes to their file.
+fn with_overrides(config: ledger_runtime::Config) -> ledger_runtime::Config {
+    fn merge(base: &mut toml::Table, over: toml::Table) {
+        for (key, value) in over {
+            match (base.get_mut(&key), value) {
+                (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+                (_, value) => {
+                    base.insert(key, value);
+                }
+            }
+        }
+    }
+    let Ok(text) = std::env::var("BENCH_CONFIG") else { return config };
+    let over: toml::Table = text.parse().unwrap_or_else(|e| panic!("BENCH_CONFIG is not TOML: {e}"));
+    let toml::Value::Table(mut base) = toml::Value::try_from(&config).expect("the configuration as TOML") else {
+        panic!("the configuration is not a TOML table")
+    };
+    merge(&mut base, over);
+    let config: ledger_runtime::Config =
+        toml::Value::Table(base).try_into().unwrap_or_else(|e| panic!("BENCH_CONFIG: {e}"));
+    eprintln!("BENCH_CONFIG applied: {text}");
+    config
 }
 
 /// The paced phase's lag split in two at the log: for every paced
