@@ -449,24 +449,14 @@ async fn paced_lag(
 /// in: the role processes see no `LEDGER_*` variable (`ledger_command`
 /// removes them), and read what this benchmark writes to their file.
 fn with_overrides(config: ledger_runtime::Config) -> ledger_runtime::Config {
-    fn merge(base: &mut toml::Table, over: toml::Table) {
-        for (key, value) in over {
-            match (base.get_mut(&key), value) {
-                (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-                (_, value) => {
-                    base.insert(key, value);
-                }
-            }
-        }
-    }
+    use figment::providers::{Format, Serialized, Toml};
     let Ok(text) = std::env::var("BENCH_CONFIG") else { return config };
-    let over: toml::Table = text.parse().unwrap_or_else(|e| panic!("BENCH_CONFIG is not TOML: {e}"));
-    let toml::Value::Table(mut base) = toml::Value::try_from(&config).expect("the configuration as TOML") else {
-        panic!("the configuration is not a TOML table")
-    };
-    merge(&mut base, over);
-    let config: ledger_runtime::Config =
-        toml::Value::Table(base).try_into().unwrap_or_else(|e| panic!("BENCH_CONFIG: {e}"));
+    // Layered as `Config::load` layers its file over the defaults.
+    let config: ledger_runtime::Config = figment::Figment::from(Serialized::defaults(config))
+        .merge(Toml::string(&text))
+        .extract()
+        .unwrap_or_else(|e| panic!("BENCH_CONFIG: {e}"));
+    config.validate().unwrap_or_else(|e| panic!("BENCH_CONFIG: {e}"));
     eprintln!("BENCH_CONFIG applied: {text}");
     config
 }
