@@ -164,6 +164,19 @@ fn stage_means(
     Value::Object(means)
 }
 
+/// 100000 → "100,000".
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -301,11 +314,12 @@ async fn main() {
                       "raw_per_s": raw_batch, "ratio": batch_rate / raw_batch,
                       "p50_ms": percentile(&blat, 0.5), "p99_ms": percentile(&blat, 0.99) }));
 
-    // One NDJSON campaign of 100,000 recipients.
-    const RECIPIENTS: usize = 100_000;
+    // One NDJSON campaign of `BENCH_CAMPAIGN_RECIPIENTS` recipients
+    // (default 100,000; a longer one is easier to profile).
+    let recipients_n = env_usize("BENCH_CAMPAIGN_RECIPIENTS", 100_000);
     let mut body = json!({ "name": "bench", "from": "shop@example.com", "content": content() }).to_string();
     body.push('\n');
-    for i in 0..RECIPIENTS {
+    for i in 0..recipients_n {
         body.push_str(&serde_json::to_string(&recipient(i)).expect("json"));
         body.push('\n');
     }
@@ -323,20 +337,20 @@ async fn main() {
     let campaign_time = started.elapsed();
     let reply: Value = r.json().await.expect("json");
     let batches = reply["batches"].as_u64().unwrap_or(0) as usize;
-    let campaign_rate = RECIPIENTS as f64 / campaign_time.as_secs_f64();
-    let per_batch = RECIPIENTS.div_ceil(batches.max(1));
+    let campaign_rate = recipients_n as f64 / campaign_time.as_secs_f64();
+    let per_batch = recipients_n.div_ceil(batches.max(1));
     let id = IntentId(uuid::Uuid::new_v4());
-    let mut raw_events = vec![header(id, RECIPIENTS as u32, batches as u32)];
+    let mut raw_events = vec![header(id, recipients_n as u32, batches as u32)];
     for b in 0..batches {
         raw_events.push(batch(
             id,
             b as u32,
-            (b * per_batch..((b + 1) * per_batch).min(RECIPIENTS)).map(recipient).collect(),
+            (b * per_batch..((b + 1) * per_batch).min(recipients_n)).map(recipient).collect(),
         ));
     }
     let raw_campaign_records = raw_produce(&app, &producer, raw_events).await;
-    let raw_campaign = raw_campaign_records * RECIPIENTS as f64 / (batches + 1) as f64;
-    rows.push(json!({ "form": "campaign, 100,000 recipients (NDJSON)", "intents_per_s": 1.0 / campaign_time.as_secs_f64(),
+    let raw_campaign = raw_campaign_records * recipients_n as f64 / (batches + 1) as f64;
+    rows.push(json!({ "form": format!("campaign, {} recipients (NDJSON)", thousands(recipients_n)), "intents_per_s": 1.0 / campaign_time.as_secs_f64(),
                       "recipients_per_s": campaign_rate, "raw_per_s": raw_campaign, "ratio": campaign_rate / raw_campaign,
                       "p50_ms": campaign_time.as_secs_f64() * 1000.0, "p99_ms": campaign_time.as_secs_f64() * 1000.0 }));
 

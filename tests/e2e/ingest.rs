@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use ledger_schemas::{EventKind, Topic};
+use ledger_schemas::{EventBody, EventKind, Topic};
 use ledger_tests::*;
 use serde_json::{json, Value};
 
@@ -108,16 +108,36 @@ async fn an_ndjson_campaign_streams_into_bounded_batches_and_is_delivered() {
             &json!({ "address": format!("p{i}@example.com"), "variables": { "name": format!("P{i}"), "n": i } })
                 .to_string(),
         );
+        // Repeats (the address normalised) inside and across batches: the
+        // first line of each address is the one sent.
+        if i % 700 == 699 {
+            body.push('\n');
+            body.push_str(
+                &json!({ "address": format!("P{}@Example.COM", i - 1), "variables": { "n": -1 } }).to_string(),
+            );
+        }
     }
     body.push('\n');
     let reply = post_ndjson(&app, "nd-1", body.clone()).await;
     assert_eq!(reply.status, 202, "{}", reply.body);
     assert_eq!(reply.body["recipients"], 2500);
+    assert_eq!(reply.body["duplicates_ignored"], 3);
     assert_eq!(reply.body["batches"], 3);
     let intent = reply.body["intent_id"].as_str().expect("id").to_owned();
     let batches: Vec<_> =
         app.read_topic(Topic::Intents).into_iter().filter(|e| e.kind() == EventKind::RecipientBatch).collect();
     assert_eq!(batches.len(), 3);
+    let sent: Vec<(String, Value)> = batches
+        .iter()
+        .flat_map(|e| match &e.body {
+            EventBody::RecipientBatch(b) => {
+                b.recipients.iter().map(|r| (r.address.clone(), r.variables["n"].clone())).collect::<Vec<_>>()
+            }
+            _ => Vec::new(),
+        })
+        .collect();
+    let expected: Vec<(String, Value)> = (0..2500).map(|i| (format!("p{i}@example.com"), Value::from(i))).collect();
+    assert_eq!(sent, expected, "each address once, in order, as its first line gave it");
     let counts = app.wait_terminal(&intent, 2500, Duration::from_secs(120)).await;
     assert_eq!(counts.get("delivered"), Some(&2500));
 

@@ -7,8 +7,8 @@
 //! recipient batches. A refused campaign produces nothing.
 
 use crate::request::Segment;
-use std::collections::HashSet;
-use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
+use std::io::{BufWriter, Seek, Write};
+use std::ops::Range;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -17,8 +17,6 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::StreamExt;
 use ledger_runtime::kafka;
-#[cfg(test)]
-use ledger_schemas::RecipientBatch;
 use ledger_schemas::{Event, EventBody, EventId, IntentCancelled, IntentId, IntentKind, Recipient, TenantId, Topic};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -43,38 +41,200 @@ pub async fn cancel(State(state): State<Arc<AppState>>, Segment(id): Segment, re
     cancel_intent(&state, &id, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Recipients that passed validation, deduplicated, in order.
-enum Recipients {
-    Memory(Vec<Recipient>),
-    /// NDJSON lines of `Recipient`, one per line.
+/// Recipients that passed validation, in order, as recipient batches carry
+/// them, and how they are cut into batches: producing them is reading and
+/// splicing bytes, not parsing.
+struct Recipients {
+    bytes: RecipientBytes,
+    /// The size of each written recipient's JSON; in `bytes` a comma
+    /// follows each one.
+    sizes: Vec<u32>,
+    /// Positions of repeated recipients, ascending: written, never sent.
+    dropped: Vec<u32>,
+    /// The positions of each batch (repeats inside are skipped).
+    batches: Vec<Range<u32>>,
+}
+
+impl Recipients {
+    fn count(&self) -> usize {
+        self.sizes.len() - self.dropped.len()
+    }
+}
+
+enum RecipientBytes {
+    Memory {
+        bytes: Vec<u8>,
+        at: usize,
+    },
+    /// An NDJSON campaign's, which is never held in memory whole.
     Spool(std::fs::File),
+}
+
+impl RecipientBytes {
+    /// Fills `into` with the next bytes.
+    fn take(&mut self, into: &mut [u8]) -> Result<(), ApiError> {
+        match self {
+            RecipientBytes::Memory { bytes, at } => {
+                let end = *at + into.len();
+                let from = bytes.get(*at..end).ok_or_else(|| ApiError::Internal("recipients end early".into()))?;
+                into.copy_from_slice(from);
+                *at = end;
+                Ok(())
+            }
+            RecipientBytes::Spool(file) => {
+                std::io::Read::read_exact(file, into).map_err(|e| ApiError::Internal(format!("spool: {e}")))
+            }
+        }
+    }
+}
+
+/// Below this many addresses remembered, repeats are not looked for yet.
+const COMPACT_AT_LEAST: usize = 1 << 16;
+
+/// Collects recipients as they pass validation: writes their JSON, each
+/// followed by a comma, and remembers each one's size, and 16 bytes of the
+/// SHA-256 of its normalised address with its position. Repeats (one
+/// person, one message: the first is kept) are found by sorting those
+/// keys, now and then to bound the memory and at the end; a hash set of a
+/// million random keys cost more in cache misses than parsing the lines.
+struct Collector<W> {
+    out: W,
+    sizes: Vec<u32>,
+    keys: Vec<([u8; 16], u32)>,
+    dropped: Vec<u32>,
+    /// Most distinct recipients.
+    max: usize,
+    compact_at: usize,
+}
+
+impl<W: Write> Collector<W> {
+    fn new(out: W, max: usize) -> Self {
+        Collector { out, sizes: Vec::new(), keys: Vec::new(), dropped: Vec::new(), max, compact_at: COMPACT_AT_LEAST }
+    }
+
+    /// Recipient lines taken, repeats included: twice the distinct maximum
+    /// (each line costs a few bytes of memory until the end).
+    fn max_lines(&self) -> usize {
+        self.max.saturating_mul(2).min(u32::MAX as usize)
+    }
+
+    fn push(&mut self, address: &str, json: &[u8]) -> Result<(), ApiError> {
+        if self.sizes.len() >= self.max_lines() {
+            return Err(ApiError::Validation(vec![FieldError {
+                field: "recipients".into(),
+                detail: format!("more than {} recipient lines, repeats included", self.max_lines()),
+            }]));
+        }
+        let size = u32::try_from(json.len()).map_err(|_| ApiError::Internal("recipient too large".into()))?;
+        let digest = normalised_digest(address);
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        self.keys.push((key, self.sizes.len() as u32));
+        self.sizes.push(size);
+        self.out
+            .write_all(json)
+            .and_then(|()| self.out.write_all(b","))
+            .map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
+        if self.keys.len() >= self.compact_at {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the first of each address; later ones become repeats.
+    fn compact(&mut self) -> Result<(), ApiError> {
+        self.keys.sort_unstable();
+        let mut kept = 0;
+        for i in 0..self.keys.len() {
+            if kept > 0 && self.keys[kept - 1].0 == self.keys[i].0 {
+                self.dropped.push(self.keys[i].1);
+            } else {
+                self.keys[kept] = self.keys[i];
+                kept += 1;
+            }
+        }
+        self.keys.truncate(kept);
+        if kept > self.max {
+            return Err(too_many(self.max));
+        }
+        self.compact_at = (2 * kept).max(COMPACT_AT_LEAST);
+        Ok(())
+    }
+
+    /// The output, and the recipients cut into batches bounded by count
+    /// and bytes (as [`Batcher`] bounds them) with their repeats skipped.
+    fn finish(mut self, max_recipients: usize, max_bytes: usize) -> Result<(W, Recipients), ApiError> {
+        self.compact()?;
+        self.dropped.sort_unstable();
+        let mut counter: Batcher<()> = Batcher::new(max_recipients, max_bytes);
+        let mut batches = Vec::new();
+        let mut start = 0u32;
+        let mut dropped = self.dropped.iter().peekable();
+        for (i, size) in self.sizes.iter().enumerate() {
+            let i = i as u32;
+            if dropped.next_if(|d| **d == i).is_some() {
+                continue;
+            }
+            if counter.push((), *size as usize).is_some() {
+                batches.push(start..i);
+                start = i;
+            }
+        }
+        if counter.finish().is_some() {
+            batches.push(start..self.sizes.len() as u32);
+        }
+        let recipients = Recipients {
+            bytes: RecipientBytes::Memory { bytes: Vec::new(), at: 0 },
+            sizes: self.sizes,
+            dropped: self.dropped,
+            batches,
+        };
+        Ok((self.out, recipients))
+    }
+}
+
+/// SHA-256 of `normalise_recipient(address)`. An ASCII address that is not
+/// a URL (an email address, nearly always) is lower-cased as it is hashed,
+/// without building the normalised string.
+fn normalised_digest(address: &str) -> [u8; 32] {
+    let trimmed = address.trim();
+    let url = ["https://", "http://"].iter().any(|s| trimmed.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)));
+    if url || !trimmed.is_ascii() {
+        return Sha256::digest(ledger_schemas::ids::normalise_recipient(address).as_bytes()).into();
+    }
+    let mut hasher = Sha256::new();
+    let mut lower = [0u8; 64];
+    for chunk in trimmed.as_bytes().chunks(lower.len()) {
+        let part = &mut lower[..chunk.len()];
+        part.copy_from_slice(chunk);
+        part.make_ascii_lowercase();
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// Writes `r` as serde writes a [`Recipient`] (the renderer reads it as
+/// one), and returns the size of its variables' JSON, which is bounded:
+/// one serialisation does both.
+fn write_recipient(out: &mut Vec<u8>, r: &Recipient) -> Result<usize, ApiError> {
+    let internal = |e: serde_json::Error| ApiError::Internal(e.to_string());
+    out.extend_from_slice(b"{\"address\":");
+    serde_json::to_writer(&mut *out, &r.address).map_err(internal)?;
+    let mut size = 0;
+    if !r.variables.is_empty() {
+        out.extend_from_slice(b",\"variables\":");
+        let start = out.len();
+        serde_json::to_writer(&mut *out, &r.variables).map_err(internal)?;
+        size = out.len() - start;
+    }
+    out.push(b'}');
+    Ok(size)
 }
 
 struct Checked {
     header: CampaignHeader,
     recipients: Recipients,
-    count: usize,
-    duplicates: usize,
-    batches: u32,
     hash: Vec<u8>,
-}
-
-/// Skips repeated recipients (after normalisation): one person, one message.
-struct Dedup {
-    seen: HashSet<[u8; 16]>,
-}
-
-impl Dedup {
-    fn new() -> Self {
-        Dedup { seen: HashSet::new() }
-    }
-
-    fn first_time(&mut self, address: &str) -> bool {
-        let digest = Sha256::digest(ledger_schemas::ids::normalise_recipient(address).as_bytes());
-        let mut key = [0u8; 16];
-        key.copy_from_slice(&digest[..16]);
-        self.seen.insert(key)
-    }
 }
 
 fn too_many(max: usize) -> ApiError {
@@ -92,7 +252,8 @@ fn check_json(state: &AppState, bytes: &[u8]) -> Result<Checked, ApiError> {
     let request: CampaignRequest = validate::parse(bytes)?;
     let hash = canonical_hash(bytes)?;
     let (header, all) = request.split();
-    let max = state.config.http.max_campaign_recipients;
+    let http = &state.config.http;
+    let max = http.max_campaign_recipients;
     if all.len() > max {
         return Err(too_many(max));
     }
@@ -101,127 +262,162 @@ fn check_json(state: &AppState, bytes: &[u8]) -> Result<Checked, ApiError> {
     }
     let mut errors = Errors::new();
     header.check(&mut errors);
-    let mut dedup = Dedup::new();
-    let mut kept = Vec::with_capacity(all.len());
-    let mut counter = Batcher::new(state.config.http.batch_max_recipients, state.config.http.batch_max_bytes);
-    let (mut batches, mut duplicates) = (0u32, 0usize);
-    for (i, r) in all.into_iter().enumerate() {
-        validate::check_recipient(&mut errors, &format!("recipients[{i}]"), header.channel, &r.address, &r.variables);
-        if dedup.first_time(&r.address) {
-            let size = serde_json::to_vec(&r).map(|v| v.len()).unwrap_or(0);
-            batches += u32::from(counter.push((), size).is_some());
-            kept.push(r);
-        } else {
-            duplicates += 1;
+    let mut collector = Collector::new(Vec::with_capacity(bytes.len()), max);
+    let mut json = Vec::with_capacity(256);
+    for (i, r) in all.iter().enumerate() {
+        json.clear();
+        let size = write_recipient(&mut json, r)?;
+        if let Some(p) = validate::address_problem(header.channel, &r.address) {
+            errors.add(format!("recipients[{i}].address"), p);
+        }
+        if let Some(p) = validate::variables_problem(size) {
+            errors.add(format!("recipients[{i}].variables"), p);
+        }
+        if errors.is_empty() {
+            collector.push(&r.address, &json)?;
         }
     }
     errors.into_result()?;
-    batches += u32::from(counter.finish().is_some());
-    Ok(Checked { header, count: kept.len(), recipients: Recipients::Memory(kept), duplicates, batches, hash })
+    let (bytes, mut recipients) = collector.finish(http.batch_max_recipients, http.batch_max_bytes)?;
+    recipients.bytes = RecipientBytes::Memory { bytes, at: 0 };
+    Ok(Checked { header, recipients, hash })
 }
 
 async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError> {
-    let dir = state.config.http.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let http = &state.config.http;
+    let dir = http.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
     let file =
         tempfile::tempfile_in(&dir).map_err(|e| ApiError::Internal(format!("spool in {}: {e}", dir.display())))?;
-    let mut spool = BufWriter::with_capacity(1 << 20, file);
-    let max = state.config.http.max_campaign_recipients;
+    let spool = BufWriter::with_capacity(1 << 20, file);
+    let mut check = NdjsonCheck::new(Collector::new(spool, http.max_campaign_recipients));
     let mut hasher = Sha256::new();
-    let mut header: Option<CampaignHeader> = None;
-    let mut errors = Errors::new();
-    let mut dedup = Dedup::new();
-    let mut counter = Batcher::new(state.config.http.batch_max_recipients, state.config.http.batch_max_bytes);
-    let (mut count, mut duplicates, mut batches, mut line_no) = (0usize, 0usize, 0u32, 0usize);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
     let mut stream = body.into_data_stream();
-    let mut finished = false;
-    while !finished {
-        match stream.next().await {
-            Some(chunk) => {
-                let chunk = chunk.map_err(|e| {
-                    ApiError::InvalidBody(vec![FieldError {
-                        field: String::new(),
-                        detail: format!("reading the body: {e}"),
-                    }])
-                })?;
-                hasher.update(&chunk);
-                buf.extend_from_slice(&chunk);
-            }
-            None => {
-                finished = true;
-                buf.push(b'\n');
-            }
-        }
-        let mut start = 0;
-        while let Some(pos) = buf[start..].iter().position(|b| *b == b'\n') {
-            let line = &buf[start..start + pos];
-            start += pos + 1;
-            line_no += 1;
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let at = format!("line {line_no}");
-            let Some(h) = &header else {
-                match validate::parse_at::<CampaignHeader>(line, &at) {
-                    Ok(h) => {
-                        h.check(&mut errors);
-                        header = Some(h);
-                    }
-                    Err(e) => return Err(ApiError::InvalidBody(vec![e])),
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::InvalidBody(vec![FieldError { field: String::new(), detail: format!("reading the body: {e}") }])
+        })?;
+        hasher.update(&chunk);
+        // Whole lines straight from the chunk; only a line cut by the
+        // chunk's end is copied.
+        let rest = if buf.is_empty() {
+            &chunk[..]
+        } else {
+            match memchr::memchr(b'\n', &chunk) {
+                Some(pos) => {
+                    buf.extend_from_slice(&chunk[..=pos]);
+                    check.lines(&buf)?;
+                    buf.clear();
+                    &chunk[pos + 1..]
                 }
-                continue;
-            };
-            match validate::parse_at::<Recipient>(line, &at) {
-                Ok(r) => {
-                    validate::check_recipient(&mut errors, &at, h.channel, &r.address, &r.variables);
-                    if !dedup.first_time(&r.address) {
-                        duplicates += 1;
-                        continue;
-                    }
-                    count += 1;
-                    if count > max {
-                        return Err(too_many(max));
-                    }
-                    if errors.is_empty() {
-                        let mut json = serde_json::to_vec(&r).map_err(|e| ApiError::Internal(e.to_string()))?;
-                        batches += u32::from(counter.push((), json.len()).is_some());
-                        json.push(b'\n');
-                        spool.write_all(&json).map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
-                    }
+                None => {
+                    buf.extend_from_slice(&chunk);
+                    &[][..]
                 }
-                Err(e) => errors.add(e.field, e.detail),
             }
-        }
-        buf.drain(..start);
+        };
+        let done = check.lines(rest)?;
+        buf.extend_from_slice(&rest[done..]);
         if buf.len() > MAX_LINE_BYTES {
             return Err(ApiError::InvalidBody(vec![FieldError {
-                field: format!("line {}", line_no + 1),
+                field: format!("line {}", check.line_no + 1),
                 detail: format!("longer than {MAX_LINE_BYTES} bytes"),
             }]));
         }
     }
-    let Some(header) = header else {
-        return Err(ApiError::InvalidBody(vec![FieldError {
-            field: "line 1".into(),
-            detail: "the first line must be the campaign header".into(),
-        }]));
-    };
-    errors.into_result()?;
-    if count == 0 {
-        return Err(empty());
-    }
-    batches += u32::from(counter.finish().is_some());
+    check.line(&buf)?;
+    let (header, spool, mut recipients) = check.finish(http.batch_max_recipients, http.batch_max_bytes)?;
     let mut file = spool.into_inner().map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
     file.rewind().map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
-    Ok(Checked {
-        header,
-        recipients: Recipients::Spool(file),
-        count,
-        duplicates,
-        batches,
-        hash: hasher.finalize().to_vec(),
-    })
+    recipients.bytes = RecipientBytes::Spool(file);
+    Ok(Checked { header, recipients, hash: hasher.finalize().to_vec() })
+}
+
+/// An NDJSON campaign checked line by line as it arrives: the header line,
+/// then one recipient per line, validated and collected while every line
+/// so far is valid. Errors are collected (up to the reported maximum)
+/// except for a bad header or too many recipients, which end the request
+/// at once.
+struct NdjsonCheck<W> {
+    header: Option<CampaignHeader>,
+    errors: Errors,
+    collector: Collector<W>,
+    json: Vec<u8>,
+    line_no: usize,
+}
+
+impl<W: Write> NdjsonCheck<W> {
+    fn new(collector: Collector<W>) -> Self {
+        NdjsonCheck { header: None, errors: Errors::new(), collector, json: Vec::with_capacity(256), line_no: 0 }
+    }
+
+    /// Checks every complete line of `bytes`; returns how many bytes that
+    /// was (the rest is a line still arriving).
+    fn lines(&mut self, bytes: &[u8]) -> Result<usize, ApiError> {
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', bytes) {
+            self.line(&bytes[start..end])?;
+            start = end + 1;
+        }
+        Ok(start)
+    }
+
+    fn line(&mut self, line: &[u8]) -> Result<(), ApiError> {
+        self.line_no += 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        // Named only for an error: most lines have none.
+        let line_no = self.line_no;
+        let at = || format!("line {line_no}");
+        let Some(h) = &self.header else {
+            let header =
+                validate::parse_at::<CampaignHeader>(line, &at()).map_err(|e| ApiError::InvalidBody(vec![e]))?;
+            header.check(&mut self.errors);
+            self.header = Some(header);
+            return Ok(());
+        };
+        let r = match serde_json::from_slice::<Recipient>(line) {
+            Ok(r) => r,
+            Err(_) => match validate::parse_at::<Recipient>(line, &at()) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.errors.add(e.field, e.detail);
+                    return Ok(());
+                }
+            },
+        };
+        self.json.clear();
+        let size = write_recipient(&mut self.json, &r)?;
+        if let Some(p) = validate::address_problem(h.channel, &r.address) {
+            self.errors.add(format!("{}.address", at()), p);
+        }
+        if let Some(p) = validate::variables_problem(size) {
+            self.errors.add(format!("{}.variables", at()), p);
+        }
+        if self.errors.is_empty() {
+            self.collector.push(&r.address, &self.json)?;
+        }
+        Ok(())
+    }
+
+    /// The header, the collector's output and the recipients; or every
+    /// problem found.
+    fn finish(self, max_recipients: usize, max_bytes: usize) -> Result<(CampaignHeader, W, Recipients), ApiError> {
+        let Some(header) = self.header else {
+            return Err(ApiError::InvalidBody(vec![FieldError {
+                field: "line 1".into(),
+                detail: "the first line must be the campaign header".into(),
+            }]));
+        };
+        self.errors.into_result()?;
+        let (out, recipients) = self.collector.finish(max_recipients, max_bytes)?;
+        if recipients.count() == 0 {
+            return Err(empty());
+        }
+        Ok((header, out, recipients))
+    }
 }
 
 async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiError> {
@@ -247,7 +443,8 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
             }
             Claim::Produce(intent) => intent,
         };
-    let Checked { header, recipients, count, duplicates, batches, hash } = checked;
+    let Checked { header, recipients, hash } = checked;
+    let (count, duplicates, batches) = (recipients.count(), recipients.dropped.len(), recipients.batches.len() as u32);
     let spec = IntentSpec {
         intent,
         kind: IntentKind::Campaign,
@@ -261,7 +458,7 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
         request_hash: hex::encode(&hash),
     };
     let env = Envelope { tenant: &tenant, correlation: &correlation, now: Utc::now() };
-    let events = campaign_events(state, &spec, &env, recipients, count as u32, batches);
+    let events = campaign_events(&spec, &env, recipients, count as u32);
     let record_key = intent.to_string();
     let produced = submit::produce_encoded(
         state,
@@ -286,85 +483,77 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
     Ok(accepted(response, Some(&format!("/v1/intents/{intent}")), false, &correlation))
 }
 
-/// The header, then the recipient batches, cut exactly as counted during
-/// validation, already encoded. A batch's record is the encoded event with
-/// the recipients' JSON (as validated and spooled) spliced into its empty
+/// The header, then the recipient batches as cut during validation,
+/// already encoded. A batch's record is the encoded event with the
+/// recipients' JSON (as validated and spooled) spliced into its empty
 /// `recipients` array: a campaign's recipients are parsed once, not twice.
 fn campaign_events<'a>(
-    state: &AppState,
     spec: &'a IntentSpec,
     env: &'a Envelope<'a>,
     recipients: Recipients,
     count: u32,
-    batches: u32,
-) -> Box<dyn Iterator<Item = Result<kafka::Encoded, ApiError>> + Send + 'a> {
-    let mut batcher: Batcher<Vec<u8>> =
-        Batcher::new(state.config.http.batch_max_recipients, state.config.http.batch_max_bytes);
-    let header = std::iter::once(Ok(kafka::Encoded::from(&spec.header(env, count, batches))));
-    let sized: Box<dyn Iterator<Item = Result<Vec<u8>, ApiError>> + Send> = match recipients {
-        Recipients::Memory(list) => {
-            Box::new(list.into_iter().map(|r| serde_json::to_vec(&r).map_err(|e| ApiError::Internal(e.to_string()))))
+) -> impl Iterator<Item = Result<kafka::Encoded, ApiError>> + Send + 'a {
+    let Recipients { mut bytes, sizes, dropped, batches } = recipients;
+    let count_batches = batches.len() as u32;
+    let header = std::iter::once(Ok(kafka::Encoded::from(&spec.header(env, count, count_batches))));
+    let mut dropped = dropped.into_iter().peekable();
+    let mut span = Vec::new();
+    let body = batches.into_iter().enumerate().map(move |(index, range)| {
+        let members = &sizes[range.start as usize..range.end as usize];
+        // The batch's bytes: each member's JSON and a comma.
+        let len: usize = members.iter().map(|s| *s as usize + 1).sum();
+        let mut repeats = Vec::new();
+        while let Some(d) = dropped.next_if(|d| *d < range.end) {
+            repeats.push(d);
         }
-        Recipients::Spool(file) => Box::new(
-            BufReader::with_capacity(1 << 20, file)
-                .split(b'\n')
-                .map(|line| line.map_err(|e| ApiError::Internal(format!("spool: {e}")))),
-        ),
-    };
-    let batch = move |index: u32, members: Vec<Vec<u8>>| -> Result<kafka::Encoded, ApiError> {
-        let mut encoded = kafka::Encoded::from(&spec.batch(env, index, batches, Vec::new()));
-        splice_recipients(&mut encoded.payload, &members)?;
-        Ok(encoded)
-    };
-    let mut index = 0u32;
-    let mut sized = sized.fuse();
-    let mut done = false;
-    let body = std::iter::from_fn(move || loop {
-        if done {
-            return None;
-        }
-        match sized.next() {
-            Some(Ok(json)) => {
-                let size = json.len();
-                if let Some(full) = batcher.push(json, size) {
-                    index += 1;
-                    return Some(batch(index - 1, full));
+        let mut encoded = kafka::Encoded::from(&spec.batch(env, index as u32, count_batches, Vec::new()));
+        if repeats.is_empty() {
+            // All but the last comma, read straight into the record.
+            splice_recipients(&mut encoded.payload, len - 1, |into| bytes.take(into))?;
+            bytes.take(&mut [0u8; 1])?;
+        } else {
+            span.resize(len, 0);
+            bytes.take(&mut span)?;
+            let mut joined = Vec::with_capacity(len);
+            let (mut at, mut repeats) = (0, repeats.into_iter().peekable());
+            for (i, size) in (range.start..).zip(members) {
+                let end = at + *size as usize;
+                if repeats.next_if_eq(&i).is_none() {
+                    joined.extend_from_slice(&span[at..=end]);
                 }
+                at = end + 1;
             }
-            Some(Err(e)) => {
-                done = true;
-                return Some(Err(e));
-            }
-            None => {
-                done = true;
-                let rest = std::mem::replace(&mut batcher, Batcher::new(1, 1)).finish()?;
-                index += 1;
-                return Some(batch(index - 1, rest));
-            }
+            joined.pop();
+            splice_recipients(&mut encoded.payload, joined.len(), |into| {
+                into.copy_from_slice(&joined);
+                Ok(())
+            })?;
         }
+        Ok(encoded)
     });
-    Box::new(header.chain(body))
+    header.chain(body)
 }
 
-/// Fills the empty `"recipients":[]` of an encoded recipient batch. The
-/// last occurrence is the field: everything after it in a batch (the
-/// optional `send_at`) cannot contain the sequence, while inline JSON
-/// content before it could.
-fn splice_recipients(payload: &mut Vec<u8>, members: &[Vec<u8>]) -> Result<(), ApiError> {
+/// Fills the empty `"recipients":[]` of an encoded recipient batch with
+/// `len` bytes that `fill` writes. The last occurrence is the field:
+/// everything after it in a batch (the optional `send_at`) cannot contain
+/// the sequence, while inline JSON content before it could.
+fn splice_recipients(
+    payload: &mut Vec<u8>,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
     const EMPTY: &[u8] = b"\"recipients\":[]";
     let at = payload
         .windows(EMPTY.len())
         .rposition(|w| w == EMPTY)
         .ok_or_else(|| ApiError::Internal("encoded batch has no recipients field".into()))?;
     let insert_at = at + EMPTY.len() - 1;
-    let mut joined = Vec::with_capacity(members.iter().map(|m| m.len() + 1).sum());
-    for (i, m) in members.iter().enumerate() {
-        if i > 0 {
-            joined.push(b',');
-        }
-        joined.extend_from_slice(m);
-    }
-    payload.splice(insert_at..insert_at, joined);
+    let tail = payload.split_off(insert_at);
+    payload.reserve_exact(len + tail.len());
+    payload.resize(insert_at + len, 0);
+    fill(&mut payload[insert_at..])?;
+    payload.extend_from_slice(&tail);
     Ok(())
 }
 
@@ -426,32 +615,248 @@ mod tests {
     use super::*;
     use ledger_schemas::{Channel, Content, Priority};
 
-    #[test]
-    fn spliced_recipients_decode_as_the_batch_serde_would_write() {
-        let spec = IntentSpec {
+    fn recipient(address: &str, variables: serde_json::Value) -> Recipient {
+        Recipient { address: address.into(), variables: serde_json::from_value(variables).unwrap_or_default() }
+    }
+
+    fn spec(content: Content) -> IntentSpec {
+        IntentSpec {
             intent: IntentId(Uuid::from_u128(1)),
             kind: IntentKind::Campaign,
             name: None,
             channel: Channel::Webhook,
             priority: Priority::Bulk,
             from: None,
-            // Inline JSON content may itself hold the sequence searched for.
-            content: Content { json: Some(json!({ "recipients": [] })), ..Content::default() },
+            content,
             template: None,
             send_at: Some(Utc::now()),
             request_hash: String::new(),
-        };
+        }
+    }
+
+    /// `list` collected in memory and cut with these bounds.
+    fn collect(list: &[Recipient], max_recipients: usize, max_bytes: usize) -> Result<Recipients, ApiError> {
+        let mut collector = Collector::new(Vec::new(), 1000);
+        let mut json = Vec::new();
+        for r in list {
+            json.clear();
+            write_recipient(&mut json, r)?;
+            collector.push(&r.address, &json)?;
+        }
+        let (bytes, mut recipients) = collector.finish(max_recipients, max_bytes)?;
+        recipients.bytes = RecipientBytes::Memory { bytes, at: 0 };
+        Ok(recipients)
+    }
+
+    /// The recipients of each batch record that `campaign_events` makes.
+    fn produced(spec: &IntentSpec, recipients: Recipients) -> Vec<Vec<Recipient>> {
         let tenant = TenantId::parse("acme").unwrap();
         let env = Envelope { tenant: &tenant, correlation: "c", now: Utc::now() };
-        let members: Vec<Recipient> = (0..3)
-            .map(|i| Recipient { address: format!("https://example.com/{i}"), variables: Default::default() })
+        let count = recipients.count() as u32;
+        let events: Vec<Event> = campaign_events(spec, &env, recipients, count)
+            .map(|e| Event::from_json(&e.unwrap().payload).unwrap())
             .collect();
-        let mut encoded = kafka::Encoded::from(&spec.batch(&env, 0, 1, Vec::new()));
-        let json: Vec<Vec<u8>> = members.iter().map(|m| serde_json::to_vec(m).unwrap()).collect();
-        splice_recipients(&mut encoded.payload, &json).unwrap();
-        let decoded = Event::from_json(&encoded.payload).unwrap();
-        assert_eq!(decoded, spec.batch(&env, 0, 1, members));
-        let EventBody::RecipientBatch(RecipientBatch { content, .. }) = decoded.body else { panic!("not a batch") };
-        assert_eq!(content.json, Some(json!({ "recipients": [] })));
+        let EventBody::IntentAccepted(header) = &events[0].body else { panic!("no header first") };
+        assert_eq!((header.recipient_count, header.batch_count), (count, events.len() as u32 - 1));
+        events[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                assert_eq!(*e, spec.batch(&env, i as u32, header.batch_count, Vec::new()).with_recipients_of(e));
+                let EventBody::RecipientBatch(b) = &e.body else { panic!("not a batch") };
+                b.recipients.clone()
+            })
+            .collect()
+    }
+
+    trait WithRecipients {
+        fn with_recipients_of(self, other: &Event) -> Event;
+    }
+
+    impl WithRecipients for Event {
+        fn with_recipients_of(mut self, other: &Event) -> Event {
+            if let (EventBody::RecipientBatch(mine), EventBody::RecipientBatch(theirs)) = (&mut self.body, &other.body)
+            {
+                mine.recipients = theirs.recipients.clone();
+            }
+            self
+        }
+    }
+
+    #[test]
+    fn spliced_recipients_decode_as_the_batch_serde_would_write() {
+        // Inline JSON content may itself hold the sequence searched for.
+        let spec = spec(Content { json: Some(json!({ "recipients": [] })), ..Content::default() });
+        let members: Vec<Recipient> =
+            (0..3).map(|i| recipient(&format!("https://example.com/{i}"), json!({ "i": i }))).collect();
+        let batches = produced(&spec, collect(&members, 10, 4096).unwrap());
+        assert_eq!(batches, vec![members]);
+    }
+
+    #[test]
+    fn repeats_are_skipped_and_the_first_is_kept() {
+        let spec = spec(Content::default());
+        let list: Vec<Recipient> = ["A@x.io", "b@x.io", "a@X.IO", "c@x.io", "B@x.io", "d@x.io", " a@x.io"]
+            .iter()
+            .enumerate()
+            .map(|(i, a)| recipient(a, json!({ "i": i })))
+            .collect();
+        let recipients = collect(&list, 2, 4096).unwrap();
+        assert_eq!((recipients.count(), recipients.dropped.clone()), (4, vec![2, 4, 6]));
+        let kept: Vec<Recipient> = [0, 1, 3, 5].iter().map(|i| list[*i].clone()).collect();
+        // Two a batch: the repeats inside a batch's positions are cut out.
+        assert_eq!(produced(&spec, recipients), vec![kept[..2].to_vec(), kept[2..].to_vec()]);
+    }
+
+    #[test]
+    fn repeats_are_found_across_compactions_and_the_bounds_hold() {
+        let n = COMPACT_AT_LEAST * 3 + 10;
+        let list: Vec<Recipient> = (0..n).map(|i| recipient(&format!("u{}@x.io", i % 1000), json!({}))).collect();
+        let mut collector = Collector::new(std::io::sink(), 100_000);
+        let mut json = Vec::new();
+        for r in &list {
+            json.clear();
+            write_recipient(&mut json, r).unwrap();
+            collector.push(&r.address, &json).unwrap();
+        }
+        let (_, recipients) = collector.finish(1000, 1 << 20).unwrap();
+        assert_eq!((recipients.count(), recipients.dropped.len()), (1000, n - 1000));
+        assert!(recipients.dropped.windows(2).all(|w| w[0] < w[1]) && recipients.dropped[0] == 1000);
+        assert_eq!(recipients.batches, vec![0..n as u32]);
+
+        // More distinct recipients than allowed; more lines than allowed.
+        let mut collector = Collector::new(std::io::sink(), 10);
+        let pushed: Result<Vec<()>, ApiError> = (0..11).map(|i| collector.push(&format!("u{i}@x.io"), b"{}")).collect();
+        pushed.unwrap();
+        assert!(
+            matches!(collector.finish(100, 4096), Err(ApiError::Validation(e)) if e[0].detail.contains("more than 10 recipients"))
+        );
+        let mut collector = Collector::new(std::io::sink(), 10);
+        let refused = (0..25).map(|_| collector.push("same@x.io", b"{}")).find_map(Result::err);
+        assert!(
+            matches!(refused, Some(ApiError::Validation(e)) if e[0].detail.contains("more than 20 recipient lines"))
+        );
+    }
+
+    #[test]
+    fn a_recipient_is_written_as_serde_writes_it_with_the_size_of_its_variables() {
+        let cases = [
+            recipient("a@example.com", json!({})),
+            recipient("a\"quoted\"\\@example.com", json!({ "name": "Zoë \u{1F600}\n", "n": 12.5, "z": null })),
+            recipient("https://example.com/hook?x=1", json!({ "b": [1, { "c": "d" }], "a": true })),
+        ];
+        for r in cases {
+            let mut out = Vec::new();
+            let size = write_recipient(&mut out, &r).unwrap();
+            assert_eq!(out, serde_json::to_vec(&r).unwrap());
+            let expected = if r.variables.is_empty() { 0 } else { serde_json::to_vec(&r.variables).unwrap().len() };
+            assert_eq!(size, expected);
+        }
+    }
+
+    #[test]
+    fn batches_are_cut_where_the_batcher_cuts_them() {
+        // By count (3), then by bytes (a batch under 40 bytes).
+        for (max_n, max_bytes, sizes) in
+            [(3, 1000, vec![10; 8]), (100, 40, vec![10, 20, 15, 5, 30, 30, 1]), (100, 40, vec![90, 1])]
+        {
+            let mut batcher: Batcher<u32> = Batcher::new(max_n, max_bytes);
+            let mut expected: Vec<Vec<u32>> =
+                sizes.iter().enumerate().filter_map(|(i, n)| batcher.push(i as u32, *n)).collect();
+            expected.extend(batcher.finish());
+            let mut collector = Collector::new(std::io::sink(), 1000);
+            for (i, size) in sizes.iter().enumerate() {
+                collector.push(&format!("u{i}@x.io"), &vec![b'x'; *size]).unwrap();
+            }
+            let (_, recipients) = collector.finish(max_n, max_bytes).unwrap();
+            let got: Vec<Vec<u32>> = recipients.batches.iter().map(|r| r.clone().collect()).collect();
+            assert_eq!(got, expected, "{max_n} {max_bytes} {sizes:?}");
+        }
+    }
+
+    #[test]
+    fn the_digest_is_of_the_normalised_address() {
+        let long = format!("{}@Example.COM", "A".repeat(150));
+        for address in [
+            "a@example.com",
+            "  MiXeD.Case@Example.COM\t",
+            "ZOË@Example.com",
+            "\u{a0}x@example.com\u{2003}",
+            "HTTPS://Hooks.Example.COM/Path/A?B=C",
+            "http://EXAMPLE.com",
+            "httpx://Not.A.Url",
+            "",
+            &long,
+        ] {
+            let expected: [u8; 32] =
+                Sha256::digest(ledger_schemas::ids::normalise_recipient(address).as_bytes()).into();
+            assert_eq!(normalised_digest(address), expected, "{address:?}");
+        }
+    }
+
+    fn ndjson_body(recipients: usize) -> Vec<u8> {
+        let mut body =
+            br#"{"name":"n","from":"shop@example.com","content":{"subject":"Hi {{ name }}","text":"t"}}"#.to_vec();
+        body.push(b'\n');
+        for i in 0..recipients {
+            let r = recipient(&format!("c{i}@example.com"), json!({ "name": format!("Customer {i}"), "n": i }));
+            body.extend(serde_json::to_vec(&r).unwrap());
+            body.push(b'\n');
+        }
+        body
+    }
+
+    #[test]
+    fn an_ndjson_campaign_is_checked_the_same_whatever_its_chunks() {
+        let body = ndjson_body(50);
+        let whole = {
+            let mut check = NdjsonCheck::new(Collector::new(Vec::new(), 1000));
+            let done = check.lines(&body).unwrap();
+            check.line(&body[done..]).unwrap();
+            check.finish(7, 4096).unwrap()
+        };
+        assert_eq!((whole.2.count(), whole.2.batches.len()), (50, 8));
+        // Lines cut anywhere by chunks, as check_ndjson feeds them.
+        for size in [1, 2, 3, 17, 64, 1000] {
+            let mut check = NdjsonCheck::new(Collector::new(Vec::new(), 1000));
+            let mut buf = Vec::new();
+            for chunk in body.chunks(size) {
+                buf.extend_from_slice(chunk);
+                let done = check.lines(&buf).unwrap();
+                buf.drain(..done);
+            }
+            check.line(&buf).unwrap();
+            let got = check.finish(7, 4096).unwrap();
+            assert_eq!(
+                (&got.1, &got.2.sizes, &got.2.batches),
+                (&whole.1, &whole.2.sizes, &whole.2.batches),
+                "chunks of {size}"
+            );
+        }
+    }
+
+    /// `cargo test --release -p ledger-ingest ndjson_check_speed -- --ignored --nocapture`:
+    /// the time per line of checking a campaign (`LINES`, default
+    /// 1,000,000; `ROUNDS` times, default 1, for a profile).
+    #[test]
+    #[ignore]
+    fn ndjson_check_speed() {
+        let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        let n = env("LINES", 1_000_000);
+        let body = ndjson_body(n);
+        for _ in 0..env("ROUNDS", 1) {
+            let started = std::time::Instant::now();
+            let mut check = NdjsonCheck::new(Collector::new(std::io::sink(), usize::MAX));
+            let done = check.lines(&body).unwrap();
+            check.line(&body[done..]).unwrap();
+            let (_, _, recipients) = check.finish(1000, 256 << 10).unwrap();
+            let elapsed = started.elapsed();
+            println!(
+                "{} recipients in {} batches: {:.0} ns a line",
+                recipients.count(),
+                recipients.batches.len(),
+                elapsed.as_nanos() as f64 / n as f64
+            );
+        }
     }
 }

@@ -265,19 +265,28 @@ pub fn check_recipient(
     address: &str,
     variables: &BTreeMap<String, Value>,
 ) {
-    let problem = match channel {
-        Channel::Email => email_problem(address).map(|p| format!("not a valid email address: {p}")),
-        Channel::Webhook | Channel::Push => url_problem(address).map(|p| format!("not a valid endpoint: {p}")),
-    };
-    if let Some(p) = problem {
+    if let Some(p) = address_problem(channel, address) {
         errors.add(join(at, "address"), p);
     }
     if !variables.is_empty() {
         let size = serde_json::to_vec(variables).map(|v| v.len()).unwrap_or(usize::MAX);
-        if size > MAX_VARIABLES_BYTES {
-            errors.add(join(at, "variables"), format!("{size} bytes, more than {MAX_VARIABLES_BYTES}"));
+        if let Some(p) = variables_problem(size) {
+            errors.add(join(at, "variables"), p);
         }
     }
+}
+
+/// What is wrong with a recipient's address on `channel`, if anything.
+pub fn address_problem(channel: Channel, address: &str) -> Option<String> {
+    match channel {
+        Channel::Email => email_problem(address).map(|p| format!("not a valid email address: {p}")),
+        Channel::Webhook | Channel::Push => url_problem(address).map(|p| format!("not a valid endpoint: {p}")),
+    }
+}
+
+/// Variables of `size` bytes (compact JSON) are too large.
+pub fn variables_problem(size: usize) -> Option<String> {
+    (size > MAX_VARIABLES_BYTES).then(|| format!("{size} bytes, more than {MAX_VARIABLES_BYTES}"))
 }
 
 /// Checks what an intent says besides its recipients: exactly one of
