@@ -17,7 +17,9 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::StreamExt;
 use ledger_runtime::kafka;
-use ledger_schemas::{Event, EventBody, EventId, IntentCancelled, IntentId, IntentKind, Recipient, TenantId, Topic};
+use ledger_schemas::{
+    Channel, Event, EventBody, EventId, IntentCancelled, IntentId, IntentKind, Recipient, TenantId, Topic,
+};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -32,6 +34,10 @@ use crate::{accepted, templates, AppState};
 
 /// Longest NDJSON line (the header line carries the content).
 const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// From this many bytes of lines on, half of them are checked on another
+/// thread.
+const PARALLEL_BYTES: usize = 64 << 10;
 
 pub async fn submit(State(state): State<Arc<AppState>>, request: Request) -> Response {
     campaign(&state, request).await.unwrap_or_else(IntoResponse::into_response)
@@ -88,28 +94,24 @@ impl RecipientBytes {
     }
 }
 
-/// Below this many addresses remembered, repeats are not looked for yet.
-const COMPACT_AT_LEAST: usize = 1 << 16;
-
 /// Collects recipients as they pass validation: writes their JSON, each
 /// followed by a comma, and remembers each one's size, and 16 bytes of the
-/// SHA-256 of its normalised address with its position. Repeats (one
-/// person, one message: the first is kept) are found by sorting those
-/// keys, now and then to bound the memory and at the end; a hash set of a
-/// million random keys cost more in cache misses than parsing the lines.
+/// SHA-256 of its normalised address with its position (28 bytes a line,
+/// for at most twice `max` lines). Repeats (one person, one message: the
+/// first is kept) are found by sorting those keys at the end: a hash set
+/// of a million random keys cost more in cache misses than parsing the
+/// lines.
 struct Collector<W> {
     out: W,
     sizes: Vec<u32>,
-    keys: Vec<([u8; 16], u32)>,
-    dropped: Vec<u32>,
+    keys: Vec<(u64, u64, u32)>,
     /// Most distinct recipients.
     max: usize,
-    compact_at: usize,
 }
 
 impl<W: Write> Collector<W> {
     fn new(out: W, max: usize) -> Self {
-        Collector { out, sizes: Vec::new(), keys: Vec::new(), dropped: Vec::new(), max, compact_at: COMPACT_AT_LEAST }
+        Collector { out, sizes: Vec::new(), keys: Vec::new(), max }
     }
 
     /// Recipient lines taken, repeats included: twice the distinct maximum
@@ -119,6 +121,11 @@ impl<W: Write> Collector<W> {
     }
 
     fn push(&mut self, address: &str, json: &[u8]) -> Result<(), ApiError> {
+        self.push_keyed(address_key(address), json)
+    }
+
+    /// As [`Self::push`], the address's key computed already.
+    fn push_keyed(&mut self, key: (u64, u64), json: &[u8]) -> Result<(), ApiError> {
         if self.sizes.len() >= self.max_lines() {
             return Err(ApiError::Validation(vec![FieldError {
                 field: "recipients".into(),
@@ -126,53 +133,34 @@ impl<W: Write> Collector<W> {
             }]));
         }
         let size = u32::try_from(json.len()).map_err(|_| ApiError::Internal("recipient too large".into()))?;
-        let digest = normalised_digest(address);
-        let mut key = [0u8; 16];
-        key.copy_from_slice(&digest[..16]);
-        self.keys.push((key, self.sizes.len() as u32));
+        self.keys.push((key.0, key.1, self.sizes.len() as u32));
         self.sizes.push(size);
         self.out
             .write_all(json)
             .and_then(|()| self.out.write_all(b","))
             .map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
-        if self.keys.len() >= self.compact_at {
-            self.compact()?;
-        }
-        Ok(())
-    }
-
-    /// Keeps the first of each address; later ones become repeats.
-    fn compact(&mut self) -> Result<(), ApiError> {
-        self.keys.sort_unstable();
-        let mut kept = 0;
-        for i in 0..self.keys.len() {
-            if kept > 0 && self.keys[kept - 1].0 == self.keys[i].0 {
-                self.dropped.push(self.keys[i].1);
-            } else {
-                self.keys[kept] = self.keys[i];
-                kept += 1;
-            }
-        }
-        self.keys.truncate(kept);
-        if kept > self.max {
-            return Err(too_many(self.max));
-        }
-        self.compact_at = (2 * kept).max(COMPACT_AT_LEAST);
         Ok(())
     }
 
     /// The output, and the recipients cut into batches bounded by count
     /// and bytes (as [`Batcher`] bounds them) with their repeats skipped.
     fn finish(mut self, max_recipients: usize, max_bytes: usize) -> Result<(W, Recipients), ApiError> {
-        self.compact()?;
-        self.dropped.sort_unstable();
+        // Equal addresses end up together, the first line first.
+        self.keys.sort_unstable();
+        let mut dropped: Vec<u32> =
+            self.keys.windows(2).filter(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)).map(|w| w[1].2).collect();
+        drop(std::mem::take(&mut self.keys));
+        if self.sizes.len() - dropped.len() > self.max {
+            return Err(too_many(self.max));
+        }
+        dropped.sort_unstable();
         let mut counter: Batcher<()> = Batcher::new(max_recipients, max_bytes);
         let mut batches = Vec::new();
         let mut start = 0u32;
-        let mut dropped = self.dropped.iter().peekable();
+        let mut skip = dropped.iter().peekable();
         for (i, size) in self.sizes.iter().enumerate() {
             let i = i as u32;
-            if dropped.next_if(|d| **d == i).is_some() {
+            if skip.next_if(|d| **d == i).is_some() {
                 continue;
             }
             if counter.push((), *size as usize).is_some() {
@@ -186,11 +174,18 @@ impl<W: Write> Collector<W> {
         let recipients = Recipients {
             bytes: RecipientBytes::Memory { bytes: Vec::new(), at: 0 },
             sizes: self.sizes,
-            dropped: self.dropped,
+            dropped,
             batches,
         };
         Ok((self.out, recipients))
     }
+}
+
+/// 16 bytes of the SHA-256 of the normalised address.
+fn address_key(address: &str) -> (u64, u64) {
+    let digest = normalised_digest(address);
+    let half = |at: usize| u64::from_be_bytes(digest[at..at + 8].try_into().unwrap_or_default());
+    (half(0), half(8))
 }
 
 /// SHA-256 of `normalise_recipient(address)`. An ASCII address that is not
@@ -301,22 +296,26 @@ async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError>
         // Whole lines straight from the chunk; only a line cut by the
         // chunk's end is copied.
         let rest = if buf.is_empty() {
-            &chunk[..]
+            chunk
         } else {
             match memchr::memchr(b'\n', &chunk) {
                 Some(pos) => {
                     buf.extend_from_slice(&chunk[..=pos]);
                     check.lines(&buf)?;
                     buf.clear();
-                    &chunk[pos + 1..]
+                    chunk.slice(pos + 1..)
                 }
                 None => {
                     buf.extend_from_slice(&chunk);
-                    &[][..]
+                    chunk.slice(chunk.len()..)
                 }
             }
         };
-        let done = check.lines(rest)?;
+        let done = if rest.len() >= PARALLEL_BYTES {
+            check.lines_in_parallel(rest.clone()).await?
+        } else {
+            check.lines(&rest)?
+        };
         buf.extend_from_slice(&rest[done..]);
         if buf.len() > MAX_LINE_BYTES {
             return Err(ApiError::InvalidBody(vec![FieldError {
@@ -333,6 +332,84 @@ async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError>
     Ok(Checked { header, recipients, hash: hasher.finalize().to_vec() })
 }
 
+/// Recipient lines read, validated and re-encoded, before they are
+/// collected in order: their JSON one after another, and what each line
+/// was. Needs nothing but the lines and the channel, so any thread can do
+/// it.
+#[derive(Default)]
+struct Prepared {
+    json: Vec<u8>,
+    items: Vec<Line>,
+}
+
+enum Line {
+    Blank,
+    /// The size of its JSON, and its address's key (see [`Collector`]).
+    Recipient {
+        len: u32,
+        key: (u64, u64),
+    },
+    /// Field paths within the line, and what is wrong.
+    Problems(Vec<(String, String)>),
+}
+
+impl Prepared {
+    /// Every line of `bytes` (the last one without its newline).
+    fn of(bytes: &[u8], channel: Channel) -> Self {
+        let mut prepared = Prepared { json: Vec::with_capacity(bytes.len() + bytes.len() / 4), items: Vec::new() };
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', bytes) {
+            prepared.line(&bytes[start..end], channel);
+            start = end + 1;
+        }
+        if start < bytes.len() {
+            prepared.line(&bytes[start..], channel);
+        }
+        prepared
+    }
+
+    fn line(&mut self, line: &[u8], channel: Channel) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            self.items.push(Line::Blank);
+            return;
+        }
+        let r = match serde_json::from_slice::<Recipient>(line) {
+            Ok(r) => r,
+            Err(_) => match validate::parse_at::<Recipient>(line, "") {
+                Ok(r) => r,
+                Err(e) => {
+                    self.items.push(Line::Problems(vec![(e.field, e.detail)]));
+                    return;
+                }
+            },
+        };
+        let start = self.json.len();
+        let size = match write_recipient(&mut self.json, &r) {
+            Ok(size) => size,
+            Err(e) => {
+                self.json.truncate(start);
+                self.items.push(Line::Problems(vec![(String::new(), e.to_string())]));
+                return;
+            }
+        };
+        let mut problems = Vec::new();
+        if let Some(p) = validate::address_problem(channel, &r.address) {
+            problems.push(("address".to_owned(), p));
+        }
+        if let Some(p) = validate::variables_problem(size) {
+            problems.push(("variables".to_owned(), p));
+        }
+        if !problems.is_empty() {
+            self.json.truncate(start);
+            self.items.push(Line::Problems(problems));
+            return;
+        }
+        let len = (self.json.len() - start) as u32;
+        self.items.push(Line::Recipient { len, key: address_key(&r.address) });
+    }
+}
+
 /// An NDJSON campaign checked line by line as it arrives: the header line,
 /// then one recipient per line, validated and collected while every line
 /// so far is valid. Errors are collected (up to the reported maximum)
@@ -342,13 +419,12 @@ struct NdjsonCheck<W> {
     header: Option<CampaignHeader>,
     errors: Errors,
     collector: Collector<W>,
-    json: Vec<u8>,
     line_no: usize,
 }
 
 impl<W: Write> NdjsonCheck<W> {
     fn new(collector: Collector<W>) -> Self {
-        NdjsonCheck { header: None, errors: Errors::new(), collector, json: Vec::with_capacity(256), line_no: 0 }
+        NdjsonCheck { header: None, errors: Errors::new(), collector, line_no: 0 }
     }
 
     /// Checks every complete line of `bytes`; returns how many bytes that
@@ -362,42 +438,66 @@ impl<W: Write> NdjsonCheck<W> {
         Ok(start)
     }
 
+    /// As [`Self::lines`], once the header is known, with the second half
+    /// of the lines prepared on another thread meanwhile: reading,
+    /// validating and re-encoding recipients is most of a campaign's time,
+    /// and the lines are independent until they are collected, in order.
+    async fn lines_in_parallel(&mut self, bytes: axum::body::Bytes) -> Result<usize, ApiError> {
+        let Some(channel) = self.header.as_ref().map(|h| h.channel) else {
+            return self.lines(&bytes);
+        };
+        let Some(end) = memchr::memrchr(b'\n', &bytes).map(|p| p + 1) else {
+            return Ok(0);
+        };
+        let mid = memchr::memchr(b'\n', &bytes[end / 2..end]).map_or(end, |p| end / 2 + p + 1);
+        let second = bytes.slice(mid..end);
+        let other = tokio::task::spawn_blocking(move || Prepared::of(&second, channel));
+        let first = Prepared::of(&bytes[..mid], channel);
+        let second = other.await.map_err(|e| ApiError::Internal(format!("checking lines: {e}")))?;
+        self.collect(first)?;
+        self.collect(second)?;
+        Ok(end)
+    }
+
     fn line(&mut self, line: &[u8]) -> Result<(), ApiError> {
-        self.line_no += 1;
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        // Named only for an error: most lines have none.
-        let line_no = self.line_no;
-        let at = || format!("line {line_no}");
         let Some(h) = &self.header else {
-            let header =
-                validate::parse_at::<CampaignHeader>(line, &at()).map_err(|e| ApiError::InvalidBody(vec![e]))?;
+            self.line_no += 1;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                return Ok(());
+            }
+            let header = validate::parse_at::<CampaignHeader>(line, &format!("line {}", self.line_no))
+                .map_err(|e| ApiError::InvalidBody(vec![e]))?;
             header.check(&mut self.errors);
             self.header = Some(header);
             return Ok(());
         };
-        let r = match serde_json::from_slice::<Recipient>(line) {
-            Ok(r) => r,
-            Err(_) => match validate::parse_at::<Recipient>(line, &at()) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.errors.add(e.field, e.detail);
-                    return Ok(());
+        let mut prepared = Prepared::default();
+        prepared.line(line, h.channel);
+        self.collect(prepared)
+    }
+
+    /// Takes prepared lines in order: their problems, or their recipients
+    /// while no line so far had a problem.
+    fn collect(&mut self, prepared: Prepared) -> Result<(), ApiError> {
+        let mut at = 0;
+        for item in prepared.items {
+            self.line_no += 1;
+            match item {
+                Line::Blank => {}
+                Line::Recipient { len, key } => {
+                    let json = &prepared.json[at..at + len as usize];
+                    at += len as usize;
+                    if self.errors.is_empty() {
+                        self.collector.push_keyed(key, json)?;
+                    }
                 }
-            },
-        };
-        self.json.clear();
-        let size = write_recipient(&mut self.json, &r)?;
-        if let Some(p) = validate::address_problem(h.channel, &r.address) {
-            self.errors.add(format!("{}.address", at()), p);
-        }
-        if let Some(p) = validate::variables_problem(size) {
-            self.errors.add(format!("{}.variables", at()), p);
-        }
-        if self.errors.is_empty() {
-            self.collector.push(&r.address, &self.json)?;
+                Line::Problems(problems) => {
+                    for (field, detail) in problems {
+                        self.errors.add(validate::join(&format!("line {}", self.line_no), &field), detail);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -709,8 +809,8 @@ mod tests {
     }
 
     #[test]
-    fn repeats_are_found_across_compactions_and_the_bounds_hold() {
-        let n = COMPACT_AT_LEAST * 3 + 10;
+    fn repeats_are_found_among_many_and_the_bounds_hold() {
+        let n = 100_010;
         let list: Vec<Recipient> = (0..n).map(|i| recipient(&format!("u{}@x.io", i % 1000), json!({}))).collect();
         let mut collector = Collector::new(std::io::sink(), 100_000);
         let mut json = Vec::new();
@@ -833,6 +933,53 @@ mod tests {
                 "chunks of {size}"
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lines_checked_in_parallel_are_collected_as_in_order() {
+        let mut body = ndjson_body(3000);
+        // Repeats, blank lines and CRLF across both halves.
+        for i in [10, 2990] {
+            body.extend(format!("{{\"address\":\"C{i}@EXAMPLE.com\"}}\r\n\n").as_bytes());
+        }
+        let whole = |body: Vec<u8>| async move {
+            let body = axum::body::Bytes::from(body);
+            let mut serial = NdjsonCheck::new(Collector::new(Vec::new(), 10_000));
+            let done = serial.lines(&body).unwrap();
+            let mut parallel = NdjsonCheck::new(Collector::new(Vec::new(), 10_000));
+            // The header first, as check_ndjson's first chunk gives it.
+            let header_end = memchr::memchr(b'\n', &body).unwrap() + 1;
+            parallel.lines(&body[..header_end]).unwrap();
+            let parallel_done = parallel.lines_in_parallel(body.slice(header_end..)).await.unwrap() + header_end;
+            assert_eq!(parallel_done, done);
+            (serial.line_no, parallel.line_no, serial.finish(1000, 1 << 20), parallel.finish(1000, 1 << 20))
+        };
+        let (n_serial, n_parallel, serial, parallel) = whole(body.clone()).await;
+        assert_eq!(n_serial, n_parallel);
+        let (serial, parallel) = (serial.unwrap(), parallel.unwrap());
+        assert_eq!((parallel.2.count(), parallel.2.dropped.len()), (3000, 2));
+        assert_eq!(
+            (&serial.1, &serial.2.sizes, &serial.2.dropped),
+            (&parallel.1, &parallel.2.sizes, &parallel.2.dropped)
+        );
+
+        // Problems are reported with their own line numbers from either half.
+        body.extend(b"{\"address\":\"not an address\"}\n");
+        let text = String::from_utf8(body).unwrap().replacen("c5@example.com", "c5@", 1).replacen(
+            "\"n\":2900",
+            "\"n\":2900,\"x\":1,}",
+            1,
+        );
+        let (_, _, serial, parallel) = whole(text.into_bytes()).await;
+        let fields = |r: Result<_, ApiError>| match r {
+            Err(ApiError::Validation(errors) | ApiError::InvalidBody(errors)) => {
+                errors.into_iter().map(|e| e.field).collect::<Vec<_>>()
+            }
+            _ => panic!("not refused"),
+        };
+        let fields_serial = fields(serial);
+        assert_eq!(fields_serial, vec!["line 7.address", "line 2902.variables.?", "line 3006.address"]);
+        assert_eq!(fields(parallel), fields_serial);
     }
 
     /// `cargo test --release -p ledger-ingest ndjson_check_speed -- --ignored --nocapture`:

@@ -192,16 +192,19 @@ pub fn email_problem(address: &str) -> Option<&'static str> {
     if local.is_empty() || local.len() > 64 || local.contains('@') {
         return Some("has an invalid local part");
     }
-    let labels: Vec<&str> = domain.split('.').collect();
-    if labels.len() < 2
-        || labels.iter().any(|l| {
-            l.is_empty()
-                || l.len() > 63
-                || l.starts_with('-')
-                || l.ends_with('-')
-                || !l.chars().all(|c| c.is_alphanumeric() || c == '-')
-        })
-    {
+    let mut labels = 0;
+    for l in domain.split('.') {
+        labels += 1;
+        if l.is_empty()
+            || l.len() > 63
+            || l.starts_with('-')
+            || l.ends_with('-')
+            || !l.chars().all(|c| c.is_alphanumeric() || c == '-')
+        {
+            return Some("has an invalid domain");
+        }
+    }
+    if labels < 2 {
         return Some("has an invalid domain");
     }
     None
