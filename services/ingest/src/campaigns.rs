@@ -286,45 +286,12 @@ async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError>
     let spool = BufWriter::with_capacity(1 << 20, file);
     let mut check = NdjsonCheck::new(Collector::new(spool, http.max_campaign_recipients));
     let mut hasher = Sha256::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
+    let chunks = body.into_data_stream().map(|chunk| {
+        chunk.map_err(|e| {
             ApiError::InvalidBody(vec![FieldError { field: String::new(), detail: format!("reading the body: {e}") }])
-        })?;
-        hasher.update(&chunk);
-        // Whole lines straight from the chunk; only a line cut by the
-        // chunk's end is copied.
-        let rest = if buf.is_empty() {
-            chunk
-        } else {
-            match memchr::memchr(b'\n', &chunk) {
-                Some(pos) => {
-                    buf.extend_from_slice(&chunk[..=pos]);
-                    check.lines(&buf)?;
-                    buf.clear();
-                    chunk.slice(pos + 1..)
-                }
-                None => {
-                    buf.extend_from_slice(&chunk);
-                    chunk.slice(chunk.len()..)
-                }
-            }
-        };
-        let done = if rest.len() >= PARALLEL_BYTES {
-            check.lines_in_parallel(rest.clone()).await?
-        } else {
-            check.lines(&rest)?
-        };
-        buf.extend_from_slice(&rest[done..]);
-        if buf.len() > MAX_LINE_BYTES {
-            return Err(ApiError::InvalidBody(vec![FieldError {
-                field: format!("line {}", check.line_no + 1),
-                detail: format!("longer than {MAX_LINE_BYTES} bytes"),
-            }]));
-        }
-    }
-    check.line(&buf)?;
+        })
+    });
+    check.read(chunks, PARALLEL_BYTES, &mut hasher).await?;
     let (header, spool, mut recipients) = check.finish(http.batch_max_recipients, http.batch_max_bytes)?;
     let mut file = spool.into_inner().map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
     file.rewind().map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
@@ -425,6 +392,53 @@ struct NdjsonCheck<W> {
 impl<W: Write> NdjsonCheck<W> {
     fn new(collector: Collector<W>) -> Self {
         NdjsonCheck { header: None, errors: Errors::new(), collector, line_no: 0 }
+    }
+
+    /// Checks the body as its chunks arrive (hashing them too); chunks of
+    /// `parallel_from` bytes or more are checked on two threads.
+    async fn read(
+        &mut self,
+        chunks: impl futures::Stream<Item = Result<axum::body::Bytes, ApiError>>,
+        parallel_from: usize,
+        hasher: &mut Sha256,
+    ) -> Result<(), ApiError> {
+        let mut chunks = std::pin::pin!(chunks);
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            // Whole lines straight from the chunk; only a line cut by the
+            // chunk's end is copied.
+            let rest = if buf.is_empty() {
+                chunk
+            } else {
+                match memchr::memchr(b'\n', &chunk) {
+                    Some(pos) => {
+                        buf.extend_from_slice(&chunk[..=pos]);
+                        self.lines(&buf)?;
+                        buf.clear();
+                        chunk.slice(pos + 1..)
+                    }
+                    None => {
+                        buf.extend_from_slice(&chunk);
+                        chunk.slice(chunk.len()..)
+                    }
+                }
+            };
+            let done = if rest.len() >= parallel_from {
+                self.lines_in_parallel(rest.clone()).await?
+            } else {
+                self.lines(&rest)?
+            };
+            buf.extend_from_slice(&rest[done..]);
+            if buf.len() > MAX_LINE_BYTES {
+                return Err(ApiError::InvalidBody(vec![FieldError {
+                    field: format!("line {}", self.line_no + 1),
+                    detail: format!("longer than {MAX_LINE_BYTES} bytes"),
+                }]));
+            }
+        }
+        self.line(&buf)
     }
 
     /// Checks every complete line of `bytes`; returns how many bytes that
@@ -980,6 +994,65 @@ mod tests {
         let fields_serial = fields(serial);
         assert_eq!(fields_serial, vec!["line 7.address", "line 2902.variables.?", "line 3006.address"]);
         assert_eq!(fields(parallel), fields_serial);
+    }
+
+    /// What checking `body` ends with: comparable, success or refusal.
+    fn outcome(check: NdjsonCheck<Vec<u8>>, result: Result<(), ApiError>) -> String {
+        let line_no = check.line_no;
+        match result.and_then(|()| check.finish(3, 4096)) {
+            Ok((_, out, r)) => format!(
+                "lines {line_no}, {:?} {:?} {:?} {:?}",
+                String::from_utf8_lossy(&out),
+                r.sizes,
+                r.dropped,
+                r.batches
+            ),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        #[test]
+        fn chunks_and_threads_do_not_change_what_a_campaign_is(
+            lines in proptest::collection::vec((0u8..7, 0u8..20, proptest::bool::ANY), 0..40),
+            chunk in 1usize..200,
+            parallel_from in proptest::prop_oneof![proptest::strategy::Just(1usize), proptest::strategy::Just(usize::MAX), 1usize..300],
+            trailing_newline in proptest::bool::ANY,
+        ) {
+            let mut body = String::from(r#"{"content":{"text":"hi"}}"#);
+            for (kind, k, upper) in lines {
+                let address = if upper { format!("U{k}@X.IO") } else { format!("u{k}@x.io") };
+                body.push('\n');
+                body.push_str(&match kind {
+                    0 => format!(r#"{{"address":"{address}","variables":{{"k":{k}}}}}"#),
+                    1 => " ".repeat(usize::from(k % 3)),
+                    2 => format!("{{\"address\":\"{address}\"}}\r"),
+                    3 => "{".into(),
+                    4 => r#"{"address":"nope"}"#.into(),
+                    5 => format!(r#"{{"address":"{address}","x":1}}"#),
+                    _ => format!(r#"{{ "address" : "{address}" , "variables" : {{ "b" : [1, 2], "a" : "z" }} }}"#),
+                });
+            }
+            if trailing_newline {
+                body.push('\n');
+            }
+            let body = body.into_bytes();
+            // The reference: every line at once, one after the other.
+            let mut whole = NdjsonCheck::new(Collector::new(Vec::new(), 10));
+            let result = whole.lines(&body).and_then(|done| whole.line(&body[done..]));
+            let expected = outcome(whole, result);
+
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+            let got = runtime.block_on(async {
+                let chunks: Vec<Result<axum::body::Bytes, ApiError>> =
+                    body.chunks(chunk).map(|c| Ok(axum::body::Bytes::copy_from_slice(c))).collect();
+                let mut check = NdjsonCheck::new(Collector::new(Vec::new(), 10));
+                let result = check.read(futures::stream::iter(chunks), parallel_from, &mut Sha256::new()).await;
+                outcome(check, result)
+            });
+            proptest::prop_assert_eq!(got, expected);
+        }
     }
 
     /// `cargo test --release -p ledger-ingest ndjson_check_speed -- --ignored --nocapture`:
