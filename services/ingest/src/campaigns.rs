@@ -35,10 +35,6 @@ use crate::{accepted, templates, AppState};
 /// Longest NDJSON line (the header line carries the content).
 const MAX_LINE_BYTES: usize = 1 << 20;
 
-/// From this many bytes of lines on, half of them are checked on another
-/// thread.
-const PARALLEL_BYTES: usize = 64 << 10;
-
 pub async fn submit(State(state): State<Arc<AppState>>, request: Request) -> Response {
     campaign(&state, request).await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -291,7 +287,7 @@ async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError>
             ApiError::InvalidBody(vec![FieldError { field: String::new(), detail: format!("reading the body: {e}") }])
         })
     });
-    check.read(chunks, PARALLEL_BYTES, &mut hasher).await?;
+    check.read(chunks, &mut hasher).await?;
     let (header, spool, mut recipients) = check.finish(http.batch_max_recipients, http.batch_max_bytes)?;
     let mut file = spool.into_inner().map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
     file.rewind().map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
@@ -299,10 +295,10 @@ async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError>
     Ok(Checked { header, recipients, hash: hasher.finalize().to_vec() })
 }
 
-/// Recipient lines read, validated and re-encoded, before they are
-/// collected in order: their JSON one after another, and what each line
-/// was. Needs nothing but the lines and the channel, so any thread can do
-/// it.
+/// Recipient lines read, validated and re-encoded (by a function of the
+/// line and the channel only) before they are collected in order: their
+/// JSON one after another, and what each line was. Its buffers are kept
+/// from line to line.
 #[derive(Default)]
 struct Prepared {
     json: Vec<u8>,
@@ -321,20 +317,6 @@ enum Line {
 }
 
 impl Prepared {
-    /// Every line of `bytes` (the last one without its newline).
-    fn of(bytes: &[u8], channel: Channel) -> Self {
-        let mut prepared = Prepared { json: Vec::with_capacity(bytes.len() + bytes.len() / 4), items: Vec::new() };
-        let mut start = 0;
-        for end in memchr::memchr_iter(b'\n', bytes) {
-            prepared.line(&bytes[start..end], channel);
-            start = end + 1;
-        }
-        if start < bytes.len() {
-            prepared.line(&bytes[start..], channel);
-        }
-        prepared
-    }
-
     fn line(&mut self, line: &[u8], channel: Channel) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -387,19 +369,19 @@ struct NdjsonCheck<W> {
     errors: Errors,
     collector: Collector<W>,
     line_no: usize,
+    /// The buffers of the line being checked, kept for the next.
+    prepared: Prepared,
 }
 
 impl<W: Write> NdjsonCheck<W> {
     fn new(collector: Collector<W>) -> Self {
-        NdjsonCheck { header: None, errors: Errors::new(), collector, line_no: 0 }
+        NdjsonCheck { header: None, errors: Errors::new(), collector, line_no: 0, prepared: Prepared::default() }
     }
 
-    /// Checks the body as its chunks arrive (hashing them too); chunks of
-    /// `parallel_from` bytes or more are checked on two threads.
+    /// Checks the body as its chunks arrive (hashing them too).
     async fn read(
         &mut self,
         chunks: impl futures::Stream<Item = Result<axum::body::Bytes, ApiError>>,
-        parallel_from: usize,
         hasher: &mut Sha256,
     ) -> Result<(), ApiError> {
         let mut chunks = std::pin::pin!(chunks);
@@ -425,11 +407,7 @@ impl<W: Write> NdjsonCheck<W> {
                     }
                 }
             };
-            let done = if rest.len() >= parallel_from {
-                self.lines_in_parallel(rest.clone()).await?
-            } else {
-                self.lines(&rest)?
-            };
+            let done = self.lines(&rest)?;
             buf.extend_from_slice(&rest[done..]);
             if buf.len() > MAX_LINE_BYTES {
                 return Err(ApiError::InvalidBody(vec![FieldError {
@@ -452,27 +430,6 @@ impl<W: Write> NdjsonCheck<W> {
         Ok(start)
     }
 
-    /// As [`Self::lines`], once the header is known, with the second half
-    /// of the lines prepared on another thread meanwhile: reading,
-    /// validating and re-encoding recipients is most of a campaign's time,
-    /// and the lines are independent until they are collected, in order.
-    async fn lines_in_parallel(&mut self, bytes: axum::body::Bytes) -> Result<usize, ApiError> {
-        let Some(channel) = self.header.as_ref().map(|h| h.channel) else {
-            return self.lines(&bytes);
-        };
-        let Some(end) = memchr::memrchr(b'\n', &bytes).map(|p| p + 1) else {
-            return Ok(0);
-        };
-        let mid = memchr::memchr(b'\n', &bytes[end / 2..end]).map_or(end, |p| end / 2 + p + 1);
-        let second = bytes.slice(mid..end);
-        let other = tokio::task::spawn_blocking(move || Prepared::of(&second, channel));
-        let first = Prepared::of(&bytes[..mid], channel);
-        let second = other.await.map_err(|e| ApiError::Internal(format!("checking lines: {e}")))?;
-        self.collect(first)?;
-        self.collect(second)?;
-        Ok(end)
-    }
-
     fn line(&mut self, line: &[u8]) -> Result<(), ApiError> {
         let Some(h) = &self.header else {
             self.line_no += 1;
@@ -486,16 +443,21 @@ impl<W: Write> NdjsonCheck<W> {
             self.header = Some(header);
             return Ok(());
         };
-        let mut prepared = Prepared::default();
-        prepared.line(line, h.channel);
-        self.collect(prepared)
+        let channel = h.channel;
+        let mut prepared = std::mem::take(&mut self.prepared);
+        prepared.json.clear();
+        prepared.items.clear();
+        prepared.line(line, channel);
+        let collected = self.collect(&mut prepared);
+        self.prepared = prepared;
+        collected
     }
 
     /// Takes prepared lines in order: their problems, or their recipients
     /// while no line so far had a problem.
-    fn collect(&mut self, prepared: Prepared) -> Result<(), ApiError> {
+    fn collect(&mut self, prepared: &mut Prepared) -> Result<(), ApiError> {
         let mut at = 0;
-        for item in prepared.items {
+        for item in prepared.items.drain(..) {
             self.line_no += 1;
             match item {
                 Line::Blank => {}
@@ -949,53 +911,6 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn lines_checked_in_parallel_are_collected_as_in_order() {
-        let mut body = ndjson_body(3000);
-        // Repeats, blank lines and CRLF across both halves.
-        for i in [10, 2990] {
-            body.extend(format!("{{\"address\":\"C{i}@EXAMPLE.com\"}}\r\n\n").as_bytes());
-        }
-        let whole = |body: Vec<u8>| async move {
-            let body = axum::body::Bytes::from(body);
-            let mut serial = NdjsonCheck::new(Collector::new(Vec::new(), 10_000));
-            let done = serial.lines(&body).unwrap();
-            let mut parallel = NdjsonCheck::new(Collector::new(Vec::new(), 10_000));
-            // The header first, as check_ndjson's first chunk gives it.
-            let header_end = memchr::memchr(b'\n', &body).unwrap() + 1;
-            parallel.lines(&body[..header_end]).unwrap();
-            let parallel_done = parallel.lines_in_parallel(body.slice(header_end..)).await.unwrap() + header_end;
-            assert_eq!(parallel_done, done);
-            (serial.line_no, parallel.line_no, serial.finish(1000, 1 << 20), parallel.finish(1000, 1 << 20))
-        };
-        let (n_serial, n_parallel, serial, parallel) = whole(body.clone()).await;
-        assert_eq!(n_serial, n_parallel);
-        let (serial, parallel) = (serial.unwrap(), parallel.unwrap());
-        assert_eq!((parallel.2.count(), parallel.2.dropped.len()), (3000, 2));
-        assert_eq!(
-            (&serial.1, &serial.2.sizes, &serial.2.dropped),
-            (&parallel.1, &parallel.2.sizes, &parallel.2.dropped)
-        );
-
-        // Problems are reported with their own line numbers from either half.
-        body.extend(b"{\"address\":\"not an address\"}\n");
-        let text = String::from_utf8(body).unwrap().replacen("c5@example.com", "c5@", 1).replacen(
-            "\"n\":2900",
-            "\"n\":2900,\"x\":1,}",
-            1,
-        );
-        let (_, _, serial, parallel) = whole(text.into_bytes()).await;
-        let fields = |r: Result<_, ApiError>| match r {
-            Err(ApiError::Validation(errors) | ApiError::InvalidBody(errors)) => {
-                errors.into_iter().map(|e| e.field).collect::<Vec<_>>()
-            }
-            _ => panic!("not refused"),
-        };
-        let fields_serial = fields(serial);
-        assert_eq!(fields_serial, vec!["line 7.address", "line 2902.variables.?", "line 3006.address"]);
-        assert_eq!(fields(parallel), fields_serial);
-    }
-
     /// What checking `body` ends with: comparable, success or refusal.
     fn outcome(check: NdjsonCheck<Vec<u8>>, result: Result<(), ApiError>) -> String {
         let line_no = check.line_no;
@@ -1014,10 +929,9 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
         #[test]
-        fn chunks_and_threads_do_not_change_what_a_campaign_is(
+        fn chunks_do_not_change_what_a_campaign_is(
             lines in proptest::collection::vec((0u8..7, 0u8..20, proptest::bool::ANY), 0..40),
             chunk in 1usize..200,
-            parallel_from in proptest::prop_oneof![proptest::strategy::Just(1usize), proptest::strategy::Just(usize::MAX), 1usize..300],
             trailing_newline in proptest::bool::ANY,
         ) {
             let mut body = String::from(r#"{"content":{"text":"hi"}}"#);
@@ -1048,7 +962,7 @@ mod tests {
                 let chunks: Vec<Result<axum::body::Bytes, ApiError>> =
                     body.chunks(chunk).map(|c| Ok(axum::body::Bytes::copy_from_slice(c))).collect();
                 let mut check = NdjsonCheck::new(Collector::new(Vec::new(), 10));
-                let result = check.read(futures::stream::iter(chunks), parallel_from, &mut Sha256::new()).await;
+                let result = check.read(futures::stream::iter(chunks), &mut Sha256::new()).await;
                 outcome(check, result)
             });
             proptest::prop_assert_eq!(got, expected);
