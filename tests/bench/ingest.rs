@@ -330,6 +330,8 @@ async fn main() {
     let mut campaign_times: Vec<Duration> = Vec::new();
     let mut raw_rates: Vec<f64> = Vec::new();
     for round in 0..rounds {
+        // Copied before the clock starts, as the raw records are encoded.
+        let payload = body.clone();
         let started = Instant::now();
         let r = app
             .http()
@@ -337,7 +339,7 @@ async fn main() {
             .bearer_auth(&app.api_key)
             .header("idempotency-key", format!("{run}-c{round}"))
             .header("content-type", "application/x-ndjson")
-            .body(body.clone())
+            .body(payload)
             .send()
             .await
             .expect("request");

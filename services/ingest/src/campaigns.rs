@@ -362,8 +362,8 @@ impl Prepared {
 /// An NDJSON campaign checked line by line as it arrives: the header line,
 /// then one recipient per line, validated and collected while every line
 /// so far is valid. Errors are collected (up to the reported maximum)
-/// except for a bad header or too many recipients, which end the request
-/// at once.
+/// except for a bad header or too many recipient lines, which end the
+/// request at once; too many distinct recipients are found at the end.
 struct NdjsonCheck<W> {
     header: Option<CampaignHeader>,
     errors: Errors,
