@@ -17,9 +17,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::StreamExt;
 use ledger_runtime::kafka;
-use ledger_schemas::{
-    Channel, Event, EventBody, EventId, IntentCancelled, IntentId, IntentKind, Recipient, TenantId, Topic,
-};
+use ledger_schemas::{Event, EventBody, EventId, IntentCancelled, IntentId, IntentKind, Recipient, TenantId, Topic};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -117,11 +115,6 @@ impl<W: Write> Collector<W> {
     }
 
     fn push(&mut self, address: &str, json: &[u8]) -> Result<(), ApiError> {
-        self.push_keyed(address_key(address), json)
-    }
-
-    /// As [`Self::push`], the address's key computed already.
-    fn push_keyed(&mut self, key: (u64, u64), json: &[u8]) -> Result<(), ApiError> {
         if self.sizes.len() >= self.max_lines() {
             return Err(ApiError::Validation(vec![FieldError {
                 field: "recipients".into(),
@@ -129,6 +122,7 @@ impl<W: Write> Collector<W> {
             }]));
         }
         let size = u32::try_from(json.len()).map_err(|_| ApiError::Internal("recipient too large".into()))?;
+        let key = address_key(address);
         self.keys.push((key.0, key.1, self.sizes.len() as u32));
         self.sizes.push(size);
         self.out
@@ -295,70 +289,6 @@ async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError>
     Ok(Checked { header, recipients, hash: hasher.finalize().to_vec() })
 }
 
-/// Recipient lines read, validated and re-encoded (by a function of the
-/// line and the channel only) before they are collected in order: their
-/// JSON one after another, and what each line was. Its buffers are kept
-/// from line to line.
-#[derive(Default)]
-struct Prepared {
-    json: Vec<u8>,
-    items: Vec<Line>,
-}
-
-enum Line {
-    Blank,
-    /// The size of its JSON, and its address's key (see [`Collector`]).
-    Recipient {
-        len: u32,
-        key: (u64, u64),
-    },
-    /// Field paths within the line, and what is wrong.
-    Problems(Vec<(String, String)>),
-}
-
-impl Prepared {
-    fn line(&mut self, line: &[u8], channel: Channel) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            self.items.push(Line::Blank);
-            return;
-        }
-        let r = match serde_json::from_slice::<Recipient>(line) {
-            Ok(r) => r,
-            Err(_) => match validate::parse_at::<Recipient>(line, "") {
-                Ok(r) => r,
-                Err(e) => {
-                    self.items.push(Line::Problems(vec![(e.field, e.detail)]));
-                    return;
-                }
-            },
-        };
-        let start = self.json.len();
-        let size = match write_recipient(&mut self.json, &r) {
-            Ok(size) => size,
-            Err(e) => {
-                self.json.truncate(start);
-                self.items.push(Line::Problems(vec![(String::new(), e.to_string())]));
-                return;
-            }
-        };
-        let mut problems = Vec::new();
-        if let Some(p) = validate::address_problem(channel, &r.address) {
-            problems.push(("address".to_owned(), p));
-        }
-        if let Some(p) = validate::variables_problem(size) {
-            problems.push(("variables".to_owned(), p));
-        }
-        if !problems.is_empty() {
-            self.json.truncate(start);
-            self.items.push(Line::Problems(problems));
-            return;
-        }
-        let len = (self.json.len() - start) as u32;
-        self.items.push(Line::Recipient { len, key: address_key(&r.address) });
-    }
-}
-
 /// An NDJSON campaign checked line by line as it arrives: the header line,
 /// then one recipient per line, validated and collected while every line
 /// so far is valid. Errors are collected (up to the reported maximum)
@@ -369,13 +299,13 @@ struct NdjsonCheck<W> {
     errors: Errors,
     collector: Collector<W>,
     line_no: usize,
-    /// The buffers of the line being checked, kept for the next.
-    prepared: Prepared,
+    /// The JSON of the recipient being checked; kept for the next.
+    json: Vec<u8>,
 }
 
 impl<W: Write> NdjsonCheck<W> {
     fn new(collector: Collector<W>) -> Self {
-        NdjsonCheck { header: None, errors: Errors::new(), collector, line_no: 0, prepared: Prepared::default() }
+        NdjsonCheck { header: None, errors: Errors::new(), collector, line_no: 0, json: Vec::with_capacity(256) }
     }
 
     /// Checks the body as its chunks arrive (hashing them too).
@@ -431,49 +361,42 @@ impl<W: Write> NdjsonCheck<W> {
     }
 
     fn line(&mut self, line: &[u8]) -> Result<(), ApiError> {
+        self.line_no += 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        // Named only for an error: most lines have none.
+        let line_no = self.line_no;
+        let at = || format!("line {line_no}");
         let Some(h) = &self.header else {
-            self.line_no += 1;
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                return Ok(());
-            }
-            let header = validate::parse_at::<CampaignHeader>(line, &format!("line {}", self.line_no))
-                .map_err(|e| ApiError::InvalidBody(vec![e]))?;
+            let header =
+                validate::parse_at::<CampaignHeader>(line, &at()).map_err(|e| ApiError::InvalidBody(vec![e]))?;
             header.check(&mut self.errors);
             self.header = Some(header);
             return Ok(());
         };
         let channel = h.channel;
-        let mut prepared = std::mem::take(&mut self.prepared);
-        prepared.json.clear();
-        prepared.items.clear();
-        prepared.line(line, channel);
-        let collected = self.collect(&mut prepared);
-        self.prepared = prepared;
-        collected
-    }
-
-    /// Takes prepared lines in order: their problems, or their recipients
-    /// while no line so far had a problem.
-    fn collect(&mut self, prepared: &mut Prepared) -> Result<(), ApiError> {
-        let mut at = 0;
-        for item in prepared.items.drain(..) {
-            self.line_no += 1;
-            match item {
-                Line::Blank => {}
-                Line::Recipient { len, key } => {
-                    let json = &prepared.json[at..at + len as usize];
-                    at += len as usize;
-                    if self.errors.is_empty() {
-                        self.collector.push_keyed(key, json)?;
-                    }
+        let r = match serde_json::from_slice::<Recipient>(line) {
+            Ok(r) => r,
+            Err(_) => match validate::parse_at::<Recipient>(line, &at()) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.errors.add(e.field, e.detail);
+                    return Ok(());
                 }
-                Line::Problems(problems) => {
-                    for (field, detail) in problems {
-                        self.errors.add(validate::join(&format!("line {}", self.line_no), &field), detail);
-                    }
-                }
-            }
+            },
+        };
+        self.json.clear();
+        let size = write_recipient(&mut self.json, &r)?;
+        if let Some(p) = validate::address_problem(channel, &r.address) {
+            self.errors.add(format!("{}.address", at()), p);
+        }
+        if let Some(p) = validate::variables_problem(size) {
+            self.errors.add(format!("{}.variables", at()), p);
+        }
+        if self.errors.is_empty() {
+            self.collector.push(&r.address, &self.json)?;
         }
         Ok(())
     }
