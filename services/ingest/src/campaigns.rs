@@ -17,7 +17,9 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::StreamExt;
 use ledger_runtime::kafka;
-use ledger_schemas::{Event, EventBody, EventId, IntentCancelled, IntentId, IntentKind, Recipient, TenantId, Topic};
+use ledger_schemas::{
+    Channel, Event, EventBody, EventId, IntentCancelled, IntentId, IntentKind, Recipient, TenantId, Topic,
+};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -28,7 +30,7 @@ use crate::request::{
 };
 use crate::submit::{self, Batcher, Claim, Envelope, IntentSpec};
 use crate::validate::{self, CampaignHeader, CampaignRequest, CancelRequest, Errors};
-use crate::{accepted, templates, AppState};
+use crate::{accepted, recipient_line, templates, AppState};
 
 /// Longest NDJSON line (the header line carries the content).
 const MAX_LINE_BYTES: usize = 1 << 20;
@@ -201,7 +203,7 @@ fn normalised_digest(address: &str) -> [u8; 32] {
 /// Writes `r` as serde writes a [`Recipient`] (the renderer reads it as
 /// one), and returns the size of its variables' JSON, which is bounded:
 /// one serialisation does both.
-fn write_recipient(out: &mut Vec<u8>, r: &Recipient) -> Result<usize, ApiError> {
+pub(crate) fn write_recipient(out: &mut Vec<u8>, r: &Recipient) -> Result<usize, ApiError> {
     let internal = |e: serde_json::Error| ApiError::Internal(e.to_string());
     out.extend_from_slice(b"{\"address\":");
     serde_json::to_writer(&mut *out, &r.address).map_err(internal)?;
@@ -301,11 +303,20 @@ struct NdjsonCheck<W> {
     line_no: usize,
     /// The JSON of the recipient being checked; kept for the next.
     json: Vec<u8>,
+    /// The fast path's scratch space for its variables; kept too.
+    variables: Vec<u8>,
 }
 
 impl<W: Write> NdjsonCheck<W> {
     fn new(collector: Collector<W>) -> Self {
-        NdjsonCheck { header: None, errors: Errors::new(), collector, line_no: 0, json: Vec::with_capacity(256) }
+        NdjsonCheck {
+            header: None,
+            errors: Errors::new(),
+            collector,
+            line_no: 0,
+            json: Vec::with_capacity(256),
+            variables: Vec::with_capacity(256),
+        }
     }
 
     /// Checks the body as its chunks arrive (hashing them too).
@@ -377,6 +388,11 @@ impl<W: Write> NdjsonCheck<W> {
             return Ok(());
         };
         let channel = h.channel;
+        // Most lines: written straight from their bytes, as serde's path
+        // below would write them (see `recipient_line`).
+        if let Some(w) = recipient_line::recipient(line, &mut self.json, &mut self.variables) {
+            return self.checked(channel, w.address, w.variables_size);
+        }
         let r = match serde_json::from_slice::<Recipient>(line) {
             Ok(r) => r,
             Err(_) => match validate::parse_at::<Recipient>(line, &at()) {
@@ -389,14 +405,20 @@ impl<W: Write> NdjsonCheck<W> {
         };
         self.json.clear();
         let size = write_recipient(&mut self.json, &r)?;
-        if let Some(p) = validate::address_problem(channel, &r.address) {
-            self.errors.add(format!("{}.address", at()), p);
+        self.checked(channel, &r.address, size)
+    }
+
+    /// The checks of a recipient whose JSON is in `self.json`, and its
+    /// collection when the campaign has no problem so far.
+    fn checked(&mut self, channel: Channel, address: &str, variables_size: usize) -> Result<(), ApiError> {
+        if let Some(p) = validate::address_problem(channel, address) {
+            self.errors.add(format!("line {}.address", self.line_no), p);
         }
-        if let Some(p) = validate::variables_problem(size) {
-            self.errors.add(format!("{}.variables", at()), p);
+        if let Some(p) = validate::variables_problem(variables_size) {
+            self.errors.add(format!("line {}.variables", self.line_no), p);
         }
         if self.errors.is_empty() {
-            self.collector.push(&r.address, &self.json)?;
+            self.collector.push(address, &self.json)?;
         }
         Ok(())
     }

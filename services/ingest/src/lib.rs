@@ -14,6 +14,7 @@ pub mod linger;
 pub mod messages;
 pub mod openapi;
 pub mod problem;
+mod recipient_line;
 pub mod request;
 pub mod status;
 pub mod submit;

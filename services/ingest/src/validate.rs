@@ -183,6 +183,14 @@ pub fn email_problem(address: &str) -> Option<&'static str> {
     if address.len() > 254 {
         return Some("longer than 254 characters");
     }
+    if address.is_ascii() {
+        return ascii_email_problem(address.as_bytes());
+    }
+    any_email_problem(address)
+}
+
+/// [`email_problem`] of any address, within the length bound.
+fn any_email_problem(address: &str) -> Option<&'static str> {
     if address.chars().any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>' || c == ',') {
         return Some("contains whitespace or a character not allowed in an address");
     }
@@ -200,6 +208,39 @@ pub fn email_problem(address: &str) -> Option<&'static str> {
             || l.starts_with('-')
             || l.ends_with('-')
             || !l.chars().all(|c| c.is_alphanumeric() || c == '-')
+        {
+            return Some("has an invalid domain");
+        }
+    }
+    if labels < 2 {
+        return Some("has an invalid domain");
+    }
+    None
+}
+
+/// [`email_problem`] of an ASCII address in one pass over its bytes (most
+/// addresses; a campaign checks a million): the same answers, in the same
+/// order of precedence.
+fn ascii_email_problem(a: &[u8]) -> Option<&'static str> {
+    // ASCII whitespace and control characters are those up to the space, and DEL.
+    if a.iter().any(|&b| b <= b' ' || b == 0x7f || b == b'<' || b == b'>' || b == b',') {
+        return Some("contains whitespace or a character not allowed in an address");
+    }
+    let Some(at) = a.iter().rposition(|&b| b == b'@') else {
+        return Some("has no @");
+    };
+    let (local, domain) = (&a[..at], &a[at + 1..]);
+    if local.is_empty() || local.len() > 64 || local.contains(&b'@') {
+        return Some("has an invalid local part");
+    }
+    let mut labels = 0;
+    for l in domain.split(|&b| b == b'.') {
+        labels += 1;
+        if l.is_empty()
+            || l.len() > 63
+            || l[0] == b'-'
+            || l[l.len() - 1] == b'-'
+            || !l.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-')
         {
             return Some("has an invalid domain");
         }
@@ -462,6 +503,15 @@ impl CampaignHeader {
 
 #[cfg(test)]
 mod tests {
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// The one-pass check of ASCII addresses answers as the general one.
+        #[test]
+        fn ascii_addresses_get_the_general_checks_answer(address in "[a-c@.<>, \t\x00\x7f-]{0,12}|[a-z0-9._-]{0,70}@[a-z0-9.-]{0,70}") {
+            proptest::prop_assert_eq!(ascii_email_problem(address.as_bytes()), any_email_problem(&address), "{:?}", address);
+        }
+    }
+
     use super::*;
 
     #[test]
