@@ -30,6 +30,107 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU time (user + system, in seconds) of the processes that share the
+/// machine, read from /proc: the four roles, PostgreSQL's server processes
+/// (by process, to be told apart by database afterwards; those that ended
+/// count in the postmaster's children's times), the broker, this
+/// benchmark, and the whole machine's busy and total time (all cores).
+struct Cpu {
+    roles: Vec<f64>,
+    /// Server process id → its CPU time; the postmaster's includes its
+    /// children that have ended.
+    postgres: std::collections::HashMap<u32, f64>,
+    broker: f64,
+    bench: f64,
+    busy: f64,
+    total: f64,
+}
+
+/// What /proc counts CPU time in (USER_HZ, 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+/// A process's name, parent, and (utime + stime, cutime + cstime) in
+/// seconds, from /proc/<pid>/stat.
+fn proc_times(pid: u32) -> Option<(String, u32, f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0) / TICKS_PER_S;
+    Some((name, fields.get(1)?.parse().ok()?, ticks(11) + ticks(12), ticks(13) + ticks(14)))
+}
+
+impl Cpu {
+    fn now(role_pids: &[Option<u32>]) -> Cpu {
+        let processes: Vec<(u32, String, u32, f64, f64)> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|pid| proc_times(pid).map(|(name, parent, own, children)| (pid, name, parent, own, children)))
+            .collect();
+        let of = |pid: u32| processes.iter().find(|p| p.0 == pid).map(|p| p.3).unwrap_or(f64::NAN);
+        let server: Vec<u32> = processes.iter().filter(|p| p.1 == "postgres").map(|p| p.0).collect();
+        let postgres = processes
+            .iter()
+            .filter(|p| p.1 == "postgres")
+            // The postmaster (whose parent is no server process) also
+            // counts the server processes that have ended.
+            .map(|p| (p.0, p.3 + if server.contains(&p.2) { 0.0 } else { p.4 }))
+            .collect();
+        let broker = processes.iter().filter(|p| p.1.starts_with("tansu")).map(|p| p.3).sum();
+        let (busy, total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let v: Vec<f64> = s.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+                // user nice system idle iowait irq softirq steal (guest time is in user)
+                let busy = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum::<f64>() / TICKS_PER_S;
+                let idle = [3, 4].iter().filter_map(|&i| v.get(i)).sum::<f64>() / TICKS_PER_S;
+                Some((busy, busy + idle))
+            })
+            .unwrap_or((f64::NAN, f64::NAN));
+        Cpu {
+            roles: role_pids.iter().map(|p| p.map(of).unwrap_or(f64::NAN)).collect(),
+            postgres,
+            broker,
+            bench: of(std::process::id()),
+            busy,
+            total,
+        }
+    }
+
+    /// (what, CPU-seconds) from `self` to `later`: each role, PostgreSQL's
+    /// share by what its server processes served (`served`: process id →
+    /// the database's name, from `pg_stat_activity`; the rest is its own
+    /// work: WAL writer, checkpointer, autovacuum, ended processes), the
+    /// broker, this benchmark, and the machine's busy time no process above
+    /// accounts for ("other"); then the machine's capacity (CPU-seconds of
+    /// every core) over that time.
+    fn spent(&self, later: &Cpu, served: &[(u32, String)]) -> (Vec<(String, f64)>, f64) {
+        let mut rows: Vec<(String, f64)> = ROLES
+            .iter()
+            .zip(self.roles.iter().zip(&later.roles))
+            .map(|(role, (a, b))| (format!("`ledger run {role}`"), b - a))
+            .collect();
+        let mut by_database: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+        for (pid, secs) in &later.postgres {
+            let spent = secs - self.postgres.get(pid).copied().unwrap_or(0.0);
+            let what = served
+                .iter()
+                .find(|(p, _)| p == pid)
+                .map(|(_, db)| format!("PostgreSQL: sessions of database `{db}`"))
+                .unwrap_or_else(|| "PostgreSQL: its own processes (WAL, checkpoints, vacuum, ended sessions)".into());
+            *by_database.entry(what).or_default() += spent;
+        }
+        rows.extend(by_database);
+        rows.push(("the broker (tansu)".into(), later.broker - self.broker));
+        rows.push(("this benchmark (the POST, then polling the read model)".into(), later.bench - self.bench));
+        let listed: f64 = rows.iter().map(|r| r.1).filter(|v| v.is_finite()).sum();
+        rows.push(("other (kernel threads, the rest of the machine)".into(), (later.busy - self.busy) - listed));
+        (rows, later.total - self.total)
+    }
+}
+
 fn read_json(name: &str) -> Option<Value> {
     serde_json::from_str(&std::fs::read_to_string(format!("bench-out/{name}.json")).ok()?).ok()
 }
@@ -75,6 +176,8 @@ async fn main() {
     }
     let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 1).await.expect("pool");
     let ops = ledger_runtime::db::pool(&config.ops_database_url, 1).await.expect("pool");
+    let role_pids: Vec<Option<u32>> = ROLES.iter().map(|role| roles.pid(role)).collect();
+    let cpu_before = Cpu::now(&role_pids);
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let reply = http
@@ -116,6 +219,18 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let total_secs = started.elapsed().as_secs_f64();
+    let cpu_after = Cpu::now(&role_pids);
+    let served: Vec<(u32, String)> = sqlx::query_as::<_, (i32, String)>(
+        "-- bench::pipeline::sessions
+         SELECT pid, datname FROM pg_stat_activity WHERE datname IS NOT NULL",
+    )
+    .fetch_all(&ops)
+    .await
+    .expect("sessions")
+    .into_iter()
+    .map(|(pid, db)| (pid as u32, db))
+    .collect();
+    let (cpu, capacity) = cpu_before.spent(&cpu_after, &served);
     // The last outcome the dispatcher recorded in a claim (`updated_at` is
     // its statement's start), on the same clock as `started_at`.
     let decided_at: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
@@ -198,6 +313,20 @@ async fn main() {
     );
     for (role, mib) in &rss {
         md += &format!("| peak RSS, `ledger run {role}` | {mib:.0} MiB |\n");
+    }
+    // Where the machine's time went while the campaign ran: what each
+    // process cost a message, and how much of the machine it took.
+    md += &format!(
+        "\n| CPU from the first byte to terminal: {:.1} CPU-seconds busy of {:.1} | CPU-seconds | share of the machine | µs of CPU a message |\n|---|---:|---:|---:|\n",
+        cpu.iter().map(|r| r.1).filter(|v| v.is_finite()).sum::<f64>(),
+        capacity
+    );
+    for (name, secs) in &cpu {
+        md += &format!(
+            "| {name} | {secs:.2} | {:.0} % | {:.1} |\n",
+            100.0 * secs / capacity,
+            secs * 1e6 / recipients as f64
+        );
     }
     md += &format!(
         "\n| the same processes at {:.0} % of that rate: campaigns of {} recipients every 100 ms for {lag_secs} s | value |\n|---|---:|\n\
@@ -326,6 +455,8 @@ async fn main() {
             "paced_lag_p50_s": paced.p50, "paced_lag_p99_s": paced.p99,
             "paced_before_log_p50_s": split.map(|s| s[0]), "paced_before_log_p99_s": split.map(|s| s[1]),
             "paced_lag_from_log_p50_s": split.map(|s| s[2]), "paced_lag_from_log_p99_s": split.map(|s| s[3]),
+            "cpu_seconds": cpu.iter().map(|(n, s)| json!({ "process": n, "seconds": s, "us_per_message": s * 1e6 / recipients as f64 })).collect::<Vec<_>>(),
+            "cpu_capacity_seconds": capacity,
             "peak_rss_mib": rss.iter().map(|(r, m)| (r.to_string(), json!(m))).collect::<serde_json::Map<_, _>>(),
             "stages": stages.iter().map(|s| json!({ "stage": s.name, "messages_per_s": s.per_s, "ratio": s.ratio,
                                                     "baseline": s.baseline, "raw_work_per_s": s.floor_per_s })).collect::<Vec<_>>(),
