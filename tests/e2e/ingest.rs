@@ -140,6 +140,19 @@ async fn an_ndjson_campaign_streams_into_bounded_batches_and_is_delivered() {
     assert_eq!(sent, expected, "each address once, in order, as its first line gave it");
     let counts = app.wait_terminal(&intent, 2500, Duration::from_secs(120)).await;
     assert_eq!(counts.get("delivered"), Some(&2500));
+    // Each claim keeps the outcome event of its own message, recorded many
+    // to a statement (published again from there if its record is read twice).
+    let (claims, own): (i64, i64) = sqlx::query_as(
+        "-- tests::claims_keep_their_own_outcome
+         SELECT count(*), count(*) FILTER (WHERE outcome::jsonb ->> 'message_id' = message_id::text
+                                            AND outcome::jsonb ->> 'type' = 'delivery.delivered.v1')
+         FROM delivery_claims WHERE intent_id = $1::uuid AND state = 'done'",
+    )
+    .bind(&intent)
+    .fetch_one(&app.ops)
+    .await
+    .expect("claims");
+    assert_eq!((claims, own), (2500, 2500), "every claim done, each with its own message's outcome");
 
     let again = post_ndjson(&app, "nd-1", body).await;
     assert_eq!(again.status, 202);

@@ -565,7 +565,7 @@ impl Inner {
             match look.state.as_deref() {
                 Some("done" | "ambiguous") => {
                     // Already decided: make sure the log has it too.
-                    if let Some(Ok(recorded)) = look.outcome.map(serde_json::from_value::<Event>) {
+                    if let Some(Ok(recorded)) = look.outcome.map(|o| Event::from_json(o.as_bytes())) {
                         self.publish(&recorded).await?;
                     }
                     return Ok(());
@@ -574,7 +574,7 @@ impl Inner {
                     // Another record's business; make sure the failure and
                     // its retry record are on the log (a crash may have come
                     // between recording and producing them).
-                    if let Some(Ok(recorded)) = look.outcome.map(serde_json::from_value::<Event>) {
+                    if let Some(Ok(recorded)) = look.outcome.map(|o| Event::from_json(o.as_bytes())) {
                         self.publish(&recorded).await?;
                     }
                     if retry_of.is_none_or(|r| r < attempt) {
@@ -867,7 +867,7 @@ impl Inner {
         .bind(id.0)
         .bind(&self.instance)
         .bind(due)
-        .bind(serde_json::to_value(&failure).unwrap_or_default())
+        .bind(serde_json::to_string(&failure).unwrap_or_default())
         .execute(&self.ops)
         .await?;
         if updated.rows_affected() == 0 {
@@ -901,7 +901,7 @@ impl Inner {
         .bind(id.0)
         .bind(&event.tenant_id.0)
         .bind(&self.instance)
-        .bind(serde_json::to_value(&outcome).unwrap_or_default())
+        .bind(serde_json::to_string(&outcome).unwrap_or_default())
         .bind(event.intent_id.0)
         .execute(&self.ops)
         .await?;
@@ -960,7 +960,7 @@ impl Inner {
              WHERE message_id = $1 AND state = 'attempted' AND lease_until < now()",
         )
         .bind(id.0)
-        .bind(serde_json::to_value(&ambiguous).unwrap_or_default())
+        .bind(serde_json::to_string(&ambiguous).unwrap_or_default())
         .execute(&self.ops)
         .await?;
         if updated.rows_affected() == 1 {

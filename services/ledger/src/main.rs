@@ -336,7 +336,7 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             let ops = ledger_runtime::db::pool(&config.ops_database_url, 1).await?;
             let rows: Vec<AmbiguousRow> = sqlx::query_as(
                 "-- ledger::ambiguous
-                     SELECT message_id, tenant_id, attempt, identity, updated_at, outcome FROM delivery_claims
+                     SELECT message_id, tenant_id, attempt, identity, updated_at, outcome::json AS outcome FROM delivery_claims
                      WHERE state = 'ambiguous' AND ($1::text IS NULL OR tenant_id = $1)
                      ORDER BY updated_at LIMIT $2",
             )

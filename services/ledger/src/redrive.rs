@@ -116,7 +116,7 @@ pub async fn redrive(config: &Config, o: Options) -> anyhow::Result<()> {
          UPDATE delivery_claims SET state = 'retrying', attempt = attempt + 1, next_attempt_at = now(),
                 updated_at = now()
          WHERE message_id = ANY($1)
-           AND ((state = 'done' AND outcome->>'type' = 'delivery.failed.v1' AND $2 = 'failed')
+           AND ((state = 'done' AND outcome::jsonb->>'type' = 'delivery.failed.v1' AND $2 = 'failed')
              OR (state = 'ambiguous' AND $2 = 'ambiguous'))
          RETURNING message_id, attempt",
     )
