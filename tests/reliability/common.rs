@@ -149,7 +149,9 @@ pub async fn check(
             .await
             .expect("dead letters");
 
-    let listed = ledger_ok(config, &["ambiguous"]);
+    // Every one of them: the default page (1,000) is smaller than what a
+    // run can hold (1,132 in one CI run, most of them calls that timed out).
+    let listed = ledger_ok(config, &["ambiguous", "--limit", &n.to_string()]);
     let listed_count: i64 = listed.split_whitespace().next().and_then(|w| w.parse().ok()).unwrap_or(-1);
 
     let schema = "reliability_replay";
