@@ -46,8 +46,8 @@ pub fn recipient<'a>(line: &'a [u8], out: &mut Vec<u8>, vars: &mut Vec<u8>) -> O
             p.eat(b':')?;
             p.ws();
             match key {
-                b"address" if address.is_none() => address = Some(p.plain_string()?),
-                b"variables" if !variables => {
+                "address" if address.is_none() => address = Some(p.plain_string()?),
+                "variables" if !variables => {
                     variables = true;
                     // An object only: serde refuses anything else here.
                     if p.peek()? != b'{' {
@@ -72,8 +72,6 @@ pub fn recipient<'a>(line: &'a [u8], out: &mut Vec<u8>, vars: &mut Vec<u8>) -> O
         return None;
     }
     let address = address?;
-    // Checked as a string already: valid UTF-8 without quotes or escapes.
-    let address = std::str::from_utf8(address).ok()?;
     out.extend_from_slice(b"{\"address\":\"");
     out.extend_from_slice(address.as_bytes());
     out.push(b'"');
@@ -113,20 +111,15 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// A string without escapes or control characters, valid UTF-8: its
-    /// bytes between the quotes.
-    fn plain_string(&mut self) -> Option<&'a [u8]> {
+    /// A string without escapes or control characters, valid UTF-8: what
+    /// is between the quotes.
+    fn plain_string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.i;
         let len = self.s[start..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
         self.i = start + len;
         self.eat(b'"')?;
-        let bytes = &self.s[start..start + len];
-        // ASCII needs no further check.
-        if !bytes.is_ascii() {
-            std::str::from_utf8(bytes).ok()?;
-        }
-        Some(bytes)
+        std::str::from_utf8(&self.s[start..start + len]).ok()
     }
 
     /// One value, written compact into `out`.
@@ -135,7 +128,7 @@ impl<'a> Parser<'a> {
             b'"' => {
                 let s = self.plain_string()?;
                 out.push(b'"');
-                out.extend_from_slice(s);
+                out.extend_from_slice(s.as_bytes());
                 out.push(b'"');
             }
             b'{' => {
@@ -148,20 +141,19 @@ impl<'a> Parser<'a> {
                 if self.peek()? == b'}' {
                     self.i += 1;
                 } else {
-                    let mut last: Option<&[u8]> = None;
+                    let mut last: Option<&str> = None;
                     loop {
                         self.ws();
                         let key = self.plain_string()?;
                         // Ascending without repeats, as serde's map writes them.
-                        if last.is_some_and(|l| l >= key) {
-                            return None;
+                        match last {
+                            Some(l) if l >= key => return None,
+                            Some(_) => out.push(b','),
+                            None => {}
                         }
                         last = Some(key);
-                        if out.last() != Some(&b'{') {
-                            out.push(b',');
-                        }
                         out.push(b'"');
-                        out.extend_from_slice(key);
+                        out.extend_from_slice(key.as_bytes());
                         out.extend_from_slice(b"\":");
                         self.ws();
                         self.eat(b':')?;
