@@ -36,6 +36,7 @@ pub mod smtp;
 pub mod webhook;
 pub mod webpush;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,6 +91,8 @@ struct Identity {
     config: IdentityConfig,
     provider: Arc<dyn Provider>,
     governor: Arc<Governor>,
+    /// `ledger_provider_call_seconds` of this identity.
+    calls: metrics::Histogram,
 }
 
 struct Inner {
@@ -105,6 +108,34 @@ struct Inner {
     claims: Claims,
     /// Identifies this process in claims.
     instance: String,
+    deliveries: Deliveries,
+}
+
+/// `ledger_deliveries_total` by outcome, tenant and identity. A handle's
+/// labels are built, and the recorder's registry searched, once for each
+/// combination instead of for every message.
+#[derive(Default)]
+struct Deliveries(std::sync::Mutex<HashMap<&'static str, ByTenant>>);
+
+/// Counters by tenant, then identity.
+type ByTenant = HashMap<String, HashMap<String, metrics::Counter>>;
+
+impl Deliveries {
+    fn count(&self, tenant: &str, identity: &str, outcome: &'static str) {
+        let mut by_outcome = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let by_tenant = by_outcome.entry(outcome).or_default();
+        if !by_tenant.contains_key(tenant) {
+            by_tenant.insert(tenant.to_owned(), HashMap::new());
+        }
+        let Some(by_identity) = by_tenant.get_mut(tenant) else { return };
+        if let Some(counter) = by_identity.get(identity) {
+            counter.increment(1);
+            return;
+        }
+        let counter = metrics::counter!("ledger_deliveries_total", "tenant" => tenant.to_owned(), "identity" => identity.to_owned(), "outcome" => outcome);
+        counter.increment(1);
+        by_identity.insert(identity.to_owned(), counter);
+    }
 }
 
 /// Which topic a record came from.
@@ -254,6 +285,7 @@ impl Dispatcher {
                     self.governor_pool.clone(),
                     shutdown.clone(),
                 ),
+                calls: metrics::histogram!("ledger_provider_call_seconds", "identity" => config.name.clone(), "provider" => provider.name()),
                 config,
                 provider,
             })
@@ -268,6 +300,7 @@ impl Dispatcher {
             looks: Semaphore::new(LOOKS_AHEAD),
             claims,
             instance: self.instance,
+            deliveries: Deliveries::default(),
         });
         // The first produce to a topic waits for its metadata and leader,
         // hundreds of milliseconds on a local broker: calls the governor
@@ -519,7 +552,7 @@ impl Inner {
                 attempt: None,
             });
             self.publish(&self.outcome(event, id, "suppressed", 0, body)).await?;
-            count(tenant, "", "suppressed_sandbox");
+            self.deliveries.count(tenant, "", "suppressed_sandbox");
             return Ok(());
         }
         let lease = f64::from(self.config.dispatcher.claim_lease_secs);
@@ -760,8 +793,7 @@ impl Inner {
                 format!("provider call timed out after {timeout:?}; it may or may not have been delivered"),
             )),
         };
-        metrics::histogram!("ledger_provider_call_seconds", "identity" => name.to_owned(), "provider" => provider)
-            .record(started.elapsed().as_secs_f64());
+        identity.calls.record(started.elapsed().as_secs_f64());
         if let Err(ProviderError::Permanent { code, .. }) = &result {
             if code == webpush::EXPIRED_SUBSCRIPTION {
                 // The push service says the subscription is gone: nothing
@@ -838,7 +870,7 @@ impl Inner {
         } else {
             tracing::debug!(message_id = %id, identity = name, attempt, outcome = label, correlation_id = %event.correlation_id, "delivery decided");
         }
-        count(&event.tenant_id.0, name, label);
+        self.deliveries.count(&event.tenant_id.0, name, label);
         Ok(true)
     }
 
@@ -906,7 +938,7 @@ impl Inner {
         .execute(&self.ops)
         .await?;
         if recorded.rows_affected() == 1 {
-            count(&event.tenant_id.0, "", label);
+            self.deliveries.count(&event.tenant_id.0, "", label);
         }
         Ok(())
     }
@@ -965,7 +997,7 @@ impl Inner {
         .await?;
         if updated.rows_affected() == 1 {
             tracing::warn!(message_id = %id, "message is ambiguous; held for reconciliation");
-            count(&event.tenant_id.0, name.as_deref().unwrap_or_default(), "ambiguous");
+            self.deliveries.count(&event.tenant_id.0, name.as_deref().unwrap_or_default(), "ambiguous");
         }
         Ok(())
     }
@@ -989,11 +1021,6 @@ pub async fn send_retry_record(
     let key = rendered.message_id.map(|m| m.to_string()).unwrap_or_default();
     let encoded = kafka::Encoded { payload: rendered.to_json(), headers };
     kafka::send_encoded(producer, config, Topic::Retries, &key, encoded).await
-}
-
-fn count(tenant: &str, identity: &str, outcome: &'static str) {
-    metrics::counter!("ledger_deliveries_total", "tenant" => tenant.to_owned(), "identity" => identity.to_owned(), "outcome" => outcome)
-        .increment(1);
 }
 
 async fn sleep(shutdown: &Shutdown, d: Duration) -> Result<(), DispatchError> {
