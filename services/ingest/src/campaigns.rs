@@ -856,6 +856,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_line_longer_than_the_limit_is_refused_by_its_number() {
+        // Refused while it arrives: over the limit before its end is.
+        let long = format!(r#"{{"address":"a@x.io","variables":{{"v":"{}"}}}}"#, "x".repeat(MAX_LINE_BYTES * 2));
+        let mut recipients = String::from_utf8(ndjson_body(3000)).unwrap();
+        recipients.push_str(&long);
+        recipients.push('\n');
+        let long_header = format!(r#"{{"name":"{}"}}"#, "n".repeat(MAX_LINE_BYTES * 2)) + "\n";
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for (body, line) in [(recipients, 3002), (long_header, 1)] {
+            let body = axum::body::Bytes::from(body);
+            let chunks: Vec<Result<axum::body::Bytes, ApiError>> =
+                (0..body.len()).step_by(1 << 16).map(|at| Ok(body.slice(at..body.len().min(at + (1 << 16))))).collect();
+            let mut check = NdjsonCheck::new(Collector::new(Vec::new(), 10_000));
+            let result = runtime.block_on(check.read(futures::stream::iter(chunks), &mut Sha256::new()));
+            match result {
+                Err(ApiError::InvalidBody(errors)) => {
+                    assert_eq!(errors[0].field, format!("line {line}"));
+                    assert!(errors[0].detail.starts_with("longer than"), "{errors:?}");
+                }
+                other => panic!("line {line}: {other:?}"),
+            }
+        }
+    }
+
     /// What checking `body` ends with: comparable, success or refusal.
     fn outcome(check: NdjsonCheck<Vec<u8>>, result: Result<(), ApiError>) -> String {
         let line_no = check.line_no;
