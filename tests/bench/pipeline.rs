@@ -191,6 +191,18 @@ async fn main() {
         .expect("submit");
     assert_eq!(reply.status(), 202);
     let accepted_secs = started.elapsed().as_secs_f64();
+    // Where that time went inside ingest (the campaign is its only
+    // submission so far): sums of `ledger_ingest_stage_seconds`.
+    let metrics = http.get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let stage_ms = |stage: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("ledger_ingest_stage_seconds_sum{{stage=\"{stage}\"}} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|secs| secs * 1000.0)
+    };
+    let accepted_stages: Vec<(&str, Option<f64>)> =
+        ["check", "claim", "produce", "record"].into_iter().map(|s| (s, stage_ms(s))).collect();
     let intent = uuid::Uuid::parse_str(reply.json::<Value>().await.expect("json")["intent_id"].as_str().expect("id"))
         .expect("uuid");
     // Until every message is terminal in the read model: one cheap query on
@@ -302,10 +314,16 @@ async fn main() {
     let mut md = format!(
         "| end to end: {recipients}-recipient campaign (NDJSON, per-recipient variables) | value |\n|---|---:|\n\
          | accepted (202) after | {accepted_secs:.2} s |\n\
+         | of which, inside ingest: receive and check the body / claim the key / produce (acks) / record the response | {} ms |\n\
          | every message decided by the dispatcher (claims) after | {} s |\n\
          | every row terminal in the read model after | {total_secs:.2} s |\n\
          | the projector at the end of the log (every row with every stage) after | {complete_secs:.2} s |\n\
          | messages/s end to end | {rate:.0} (target 20,000; stretch 50,000) |\n",
+        accepted_stages
+            .iter()
+            .map(|(_, ms)| ms.map(|ms| format!("{ms:.0}")).unwrap_or_else(|| "–".into()))
+            .collect::<Vec<_>>()
+            .join(" / "),
         dispatched_secs.map(|s| format!("{s:.2}")).unwrap_or_else(|| "(with the read model)".into())
     );
     md += &format!(
@@ -449,7 +467,8 @@ async fn main() {
     std::fs::write(
         "bench-out/pipeline.json",
         serde_json::to_string_pretty(&json!({
-            "recipients": recipients, "accepted_seconds": accepted_secs, "terminal_seconds": total_secs, "complete_seconds": complete_secs,
+            "recipients": recipients, "accepted_seconds": accepted_secs,
+            "accepted_stages_ms": accepted_stages.iter().map(|(s, ms)| (s.to_string(), json!(ms))).collect::<serde_json::Map<_, _>>(), "terminal_seconds": total_secs, "complete_seconds": complete_secs,
             "messages_per_s": rate, "row_writes_per_message": writes_per_message,
             "paced_fraction": fraction, "paced_messages_per_s": paced.delivered_per_s,
             "paced_lag_p50_s": paced.p50, "paced_lag_p99_s": paced.p99,

@@ -443,11 +443,13 @@ impl<W: Write> NdjsonCheck<W> {
 
 async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiError> {
     let Submission { tenant, key, correlation, headers, body } = submission(state, request).await?;
+    let started = std::time::Instant::now();
     let checked = match body_kind(&headers) {
         Some(BodyKind::Json) => check_json(state, &read_body(body, state.config.http.max_campaign_json_bytes).await?)?,
         Some(BodyKind::Ndjson) => check_ndjson(state, body).await?,
         None => return Err(ApiError::UnsupportedMediaType("application/json or application/x-ndjson")),
     };
+    submit::stage("check", started);
     let template = match &checked.header.template {
         Some(t) => Some(
             templates::resolve(&state.ops, &tenant, "", t, checked.header.channel)

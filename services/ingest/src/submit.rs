@@ -159,9 +159,10 @@ pub async fn mark_accepted(state: &AppState, tenant: &TenantId, key: &str, respo
 }
 
 /// Where a submission's time goes, per step that waits on something:
-/// `claim` (the idempotency key, PostgreSQL), `produce` (the broker's
-/// acknowledgement of every event), `record` (the response, PostgreSQL).
-fn stage(name: &'static str, started: std::time::Instant) {
+/// `check` (a campaign's body, received and checked), `claim` (the
+/// idempotency key, PostgreSQL), `produce` (the broker's acknowledgement of
+/// every event), `record` (the response, PostgreSQL).
+pub(crate) fn stage(name: &'static str, started: std::time::Instant) {
     metrics::histogram!("ledger_ingest_stage_seconds", "stage" => name).record(started.elapsed().as_secs_f64());
 }
 
