@@ -64,7 +64,7 @@ async fn a_campaign_moves_the_key_series_by_the_right_amounts() {
     assert_eq!(d(r#"ledger_deliveries_total{identity="local-sink",outcome="delivered",tenant="acme"}"#), 20.0);
     assert_eq!(d(r#"ledger_deliveries_total{identity="",outcome="suppressed_sandbox",tenant="acme"}"#), 1.0);
     assert_eq!(d(r#"ledger_kafka_produced_total{outcome="ok",topic="rendered"}"#), 21.0);
-    for stage in ["claim", "produce", "record"] {
+    for stage in ["check", "claim", "produce", "record"] {
         let key = format!(r#"ledger_ingest_stage_seconds_count{{stage="{stage}"}}"#);
         assert_eq!(d(&key), 1.0, "one {stage} step for one campaign");
     }
