@@ -350,9 +350,11 @@ async fn consume(
     let permits = Arc::new(Semaphore::new(max));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, String, i32, i64)>();
     let mut offsets = Offsets::default();
+    // The handle is looked up once, not for every record.
+    let in_flight = metrics::gauge!("ledger_dispatcher_in_flight", "topic" => source.topic_name());
     let store = |offsets: &mut Offsets, (generation, topic, partition, offset): (u64, String, i32, i64)| {
         let moved = offsets.finish(generation, &topic, partition, offset);
-        metrics::gauge!("ledger_dispatcher_in_flight", "topic" => source.topic_name()).set(offsets.in_flight() as f64);
+        in_flight.set(offsets.in_flight() as f64);
         if let Some(done) = moved {
             // Fails only for a partition taken away meanwhile: its new
             // owner sees the record again and finds its claim.

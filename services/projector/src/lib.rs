@@ -31,7 +31,8 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 
 /// The topics folded into the read model.
 pub const TOPICS: [Topic; 4] = [Topic::Intents, Topic::Rendered, Topic::Outcomes, Topic::DeadLetter];
@@ -115,6 +116,11 @@ impl Projector {
         shutdown: Shutdown,
     ) {
         let gather = Duration::from_millis(self.config.projector.flush_interval_ms);
+        // The writer's own connection, kept between batches: a pooled one
+        // costs a round trip to the server when it is taken and another
+        // when it comes back (sqlx checks it both times). Given back (and
+        // replaced) when a batch fails.
+        let mut held: Option<PoolConnection<Postgres>> = None;
         loop {
             let first = tokio::select! {
                 _ = shutdown.wait() => return,
@@ -158,9 +164,10 @@ impl Projector {
             // the read model, it never loses events.
             let mut backoff = Duration::from_millis(100);
             loop {
-                match self.apply(&batch).await {
+                match self.apply(&mut held, &batch).await {
                     Ok(()) => break,
                     Err(e) => {
+                        held = None;
                         if shutdown.is_triggered() {
                             return;
                         }
@@ -188,9 +195,17 @@ impl Projector {
         }
     }
 
-    async fn apply(&self, batch: &[OwnedMessage]) -> Result<(), ApplyError> {
+    async fn apply(
+        &self,
+        held: &mut Option<PoolConnection<Postgres>>,
+        batch: &[OwnedMessage],
+    ) -> Result<(), ApplyError> {
         let started = Instant::now();
-        let mut tx = self.reporting.begin().await?;
+        let conn = match held {
+            Some(c) => c,
+            None => held.insert(self.reporting.acquire().await?),
+        };
+        let mut tx = sqlx::Acquire::begin(&mut **conn).await?;
         let applied = apply_records(&mut tx, &self.name, batch, &|_| true, &mut |_| {}).await?;
         for (i, e) in &applied.undecodable {
             let m = &batch[*i];

@@ -300,9 +300,29 @@ pub async fn send_encoded(
         .await
         .map(|_| ())
         .map_err(|(e, _)| e);
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    metrics::counter!("ledger_kafka_produced_total", "topic" => topic.base_name(), "outcome" => outcome).increment(1);
+    produced(topic, result.is_ok()).increment(1);
     result
+}
+
+/// `ledger_kafka_produced_total` of `topic` and outcome. The handles are
+/// looked up once per process (at its first produce, after its telemetry
+/// is installed), not for every record: the dispatcher produces two
+/// records a message.
+fn produced(topic: Topic, ok: bool) -> &'static metrics::Counter {
+    static COUNTERS: std::sync::OnceLock<Vec<[metrics::Counter; 2]>> = std::sync::OnceLock::new();
+    let all = COUNTERS.get_or_init(|| {
+        Topic::ALL
+            .iter()
+            .map(|t| {
+                let of = |outcome: &'static str| {
+                    metrics::counter!("ledger_kafka_produced_total", "topic" => t.base_name(), "outcome" => outcome)
+                };
+                [of("ok"), of("error")]
+            })
+            .collect()
+    });
+    let i = Topic::ALL.iter().position(|t| *t == topic).unwrap_or_default();
+    &all[i][usize::from(!ok)]
 }
 
 /// The correlation id header of a record, if any.
