@@ -135,13 +135,13 @@ fn read_json(name: &str) -> Option<Value> {
     serde_json::from_str(&std::fs::read_to_string(format!("bench-out/{name}.json")).ok()?).ok()
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
+fn main() {
+    run_with_release_ledger("make bench", run());
+}
+
+async fn run() {
     let recipients: usize =
         std::env::var("BENCH_PIPELINE_RECIPIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(300_000);
-    let bin = workspace_root().join("target/release/ledger");
-    assert!(bin.exists(), "{} is missing: `cargo build --release -p ledger` (make bench does)", bin.display());
-    std::env::set_var("LEDGER_TEST_BIN", &bin);
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
     config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));

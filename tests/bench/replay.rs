@@ -17,8 +17,11 @@ use serde_json::json;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
+fn main() {
+    run_with_release_ledger("make bench-replay", run());
+}
+
+async fn run() {
     let messages: usize = std::env::var("BENCH_REPLAY_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(300_000);
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
@@ -82,10 +85,7 @@ async fn main() {
     .expect("raw consume");
     let raw_rate = total as f64 / raw_secs;
 
-    // The replay, as a process.
-    let bin = workspace_root().join("target/release/ledger");
-    assert!(bin.exists(), "{} is missing: `cargo build --release -p ledger` (make bench-replay does)", bin.display());
-    std::env::set_var("LEDGER_TEST_BIN", &bin);
+    // The replay, as a process (the release build, see `main`).
     // The default window, then a small one (each message's row written
     // about once per stage, as the projector's batches write it).
     let mut rows = Vec::new();

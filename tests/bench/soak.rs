@@ -64,8 +64,11 @@ fn third(samples: &[f64], which: usize) -> f64 {
     part.iter().sum::<f64>() / part.len().max(1) as f64
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
+fn main() {
+    run_with_release_ledger("make soak", run());
+}
+
+async fn run() {
     let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
     let measured = std::fs::read_to_string("bench-out/pipeline.json")
         .ok()
@@ -75,9 +78,6 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| 0.7 * measured.unwrap_or(4_500.0));
-    let bin = workspace_root().join("target/release/ledger");
-    assert!(bin.exists(), "{} is missing: `cargo build --release -p ledger` (make soak does)", bin.display());
-    std::env::set_var("LEDGER_TEST_BIN", &bin);
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
     config.projector = ledger_runtime::config::ProjectorConfig::default();

@@ -443,6 +443,21 @@ pub async fn count_until(config: &Config, topic: Topic, n: usize, within: Durati
     .expect("reader")
 }
 
+/// Runs `main` on a multi-threaded tokio runtime, with the role processes
+/// it starts (`ledger_bin`) being the release build of `ledger`. `make`
+/// names the target that builds it. The variable is set before the runtime
+/// starts any thread. Setting the environment while another thread reads it
+/// is a data race: C code such as mimalloc's option reader or librdkafka
+/// reads `environ` without Rust's lock. That race is the likely cause of a
+/// benchmark that exited with SIGSEGV before its first line, once in nine
+/// runs (2026-12-07).
+pub fn run_with_release_ledger<F: std::future::Future<Output = ()>>(make: &str, main: F) {
+    let bin = workspace_root().join("target/release/ledger");
+    assert!(bin.exists(), "{} is missing: `cargo build --release -p ledger` ({make} does)", bin.display());
+    std::env::set_var("LEDGER_TEST_BIN", &bin);
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime").block_on(main)
+}
+
 /// The workspace's root directory.
 pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
