@@ -32,7 +32,10 @@ pub struct Written<'a> {
 pub fn recipient<'a>(line: &'a [u8], out: &mut Vec<u8>, vars: &mut Vec<u8>) -> Option<Written<'a>> {
     out.clear();
     vars.clear();
-    let mut p = Parser { s: line, i: 0 };
+    // One check of the whole line (a short string's check costs more in
+    // calls than in bytes), then strings are slices of it.
+    let text = std::str::from_utf8(line).ok()?;
+    let mut p = Parser { s: line, text, i: 0 };
     p.ws();
     p.eat(b'{')?;
     let mut address = None;
@@ -87,6 +90,8 @@ pub fn recipient<'a>(line: &'a [u8], out: &mut Vec<u8>, vars: &mut Vec<u8>) -> O
 
 struct Parser<'a> {
     s: &'a [u8],
+    /// The same bytes, valid UTF-8.
+    text: &'a str,
     i: usize,
 }
 
@@ -111,15 +116,15 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// A string without escapes or control characters, valid UTF-8: what
-    /// is between the quotes.
+    /// A string without escapes or control characters: what is between
+    /// the quotes (which are ASCII, so the ends are character boundaries).
     fn plain_string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.i;
         let len = self.s[start..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
         self.i = start + len;
         self.eat(b'"')?;
-        std::str::from_utf8(&self.s[start..start + len]).ok()
+        self.text.get(start..start + len)
     }
 
     /// One value, written compact into `out`.
