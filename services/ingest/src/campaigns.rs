@@ -36,6 +36,9 @@ use crate::{accepted, recipient_line, templates, AppState};
 /// Longest NDJSON line (the header line carries the content).
 const MAX_LINE_BYTES: usize = 1 << 20;
 
+/// Chunks of a campaign's body received but not yet hashed, at most.
+const HASH_QUEUE: usize = 64;
+
 pub async fn submit(State(state): State<Arc<AppState>>, request: Request) -> Response {
     campaign(&state, request).await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -314,18 +317,38 @@ async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError>
         tempfile::tempfile_in(&dir).map_err(|e| ApiError::Internal(format!("spool in {}: {e}", dir.display())))?;
     let spool = BufWriter::with_capacity(1 << 20, file);
     let mut check = NdjsonCheck::new(Collector::new(spool, http.max_campaign_recipients));
-    let mut hasher = Sha256::new();
-    let chunks = body.into_data_stream().map(|chunk| {
-        chunk.map_err(|e| {
-            ApiError::InvalidBody(vec![FieldError { field: String::new(), detail: format!("reading the body: {e}") }])
-        })
+    // The body's hash (its idempotency) is taken on a thread of its own
+    // while the lines are checked: a third of the check's time otherwise.
+    // The chunks are shared, not copied, and at most `HASH_QUEUE` wait.
+    let (to_hash, mut chunks_to_hash) = tokio::sync::mpsc::channel::<axum::body::Bytes>(HASH_QUEUE);
+    let hashed = tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = chunks_to_hash.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        hasher.finalize().to_vec()
     });
-    check.read(chunks, &mut hasher).await?;
+    let chunks = body.into_data_stream().then(|chunk| {
+        let to_hash = to_hash.clone();
+        async move {
+            let chunk = chunk.map_err(|e| {
+                ApiError::InvalidBody(vec![FieldError {
+                    field: String::new(),
+                    detail: format!("reading the body: {e}"),
+                }])
+            })?;
+            to_hash.send(chunk.clone()).await.map_err(|_| ApiError::Internal("the body's hash stopped".into()))?;
+            Ok(chunk)
+        }
+    });
+    check.read(chunks).await?;
+    drop(to_hash);
     let (header, spool, mut recipients) = check.finish(http.batch_max_recipients, http.batch_max_bytes)?;
     let mut file = spool.into_inner().map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
     file.rewind().map_err(|e| ApiError::Internal(format!("spool: {e}")))?;
     recipients.bytes = RecipientBytes::Spool(file);
-    Ok(Checked { header, recipients, hash: hasher.finalize().to_vec() })
+    let hash = hashed.await.map_err(|e| ApiError::Internal(format!("the body's hash: {e}")))?;
+    Ok(Checked { header, recipients, hash })
 }
 
 /// An NDJSON campaign checked line by line as it arrives: the header line,
@@ -356,17 +379,15 @@ impl<W: Write> NdjsonCheck<W> {
         }
     }
 
-    /// Checks the body as its chunks arrive (hashing them too).
+    /// Checks the body as its chunks arrive.
     async fn read(
         &mut self,
         chunks: impl futures::Stream<Item = Result<axum::body::Bytes, ApiError>>,
-        hasher: &mut Sha256,
     ) -> Result<(), ApiError> {
         let mut chunks = std::pin::pin!(chunks);
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
-            hasher.update(&chunk);
             // Whole lines straight from the chunk; only a line cut by the
             // chunk's end is copied.
             let rest = if buf.is_empty() {
@@ -927,7 +948,7 @@ mod tests {
             let chunks: Vec<Result<axum::body::Bytes, ApiError>> =
                 (0..body.len()).step_by(1 << 16).map(|at| Ok(body.slice(at..body.len().min(at + (1 << 16))))).collect();
             let mut check = NdjsonCheck::new(Collector::new(Vec::new(), 10_000));
-            let result = runtime.block_on(check.read(futures::stream::iter(chunks), &mut Sha256::new()));
+            let result = runtime.block_on(check.read(futures::stream::iter(chunks)));
             match result {
                 Err(ApiError::InvalidBody(errors)) => {
                     assert_eq!(errors[0].field, format!("line {line}"));
@@ -989,7 +1010,7 @@ mod tests {
                 let chunks: Vec<Result<axum::body::Bytes, ApiError>> =
                     body.chunks(chunk).map(|c| Ok(axum::body::Bytes::copy_from_slice(c))).collect();
                 let mut check = NdjsonCheck::new(Collector::new(Vec::new(), 10));
-                let result = check.read(futures::stream::iter(chunks), &mut Sha256::new()).await;
+                let result = check.read(futures::stream::iter(chunks)).await;
                 outcome(check, result)
             });
             proptest::prop_assert_eq!(got, expected);
