@@ -154,10 +154,16 @@ async fn an_ndjson_campaign_streams_into_bounded_batches_and_is_delivered() {
     .expect("claims");
     assert_eq!((claims, own), (2500, 2500), "every claim done, each with its own message's outcome");
 
-    let again = post_ndjson(&app, "nd-1", body).await;
+    let again = post_ndjson(&app, "nd-1", body.clone()).await;
     assert_eq!(again.status, 202);
     assert_eq!(again.body["intent_id"], intent.as_str());
     assert_eq!(again.headers["idempotent-replayed"], "true");
+    // The body's hash covers every byte up to the last one: one digit of
+    // the last line changed is another body under the same key.
+    let changed = body.replacen("\"n\":2499", "\"n\":2498", 1);
+    assert_ne!(changed, body);
+    let other = post_ndjson(&app, "nd-1", changed).await;
+    assert_eq!(other.status, 409, "{}", other.body);
     app.stop().await;
 }
 
