@@ -307,6 +307,7 @@ async fn main() {
             serde_json::to_vec(&json!({ "messages": messages })).expect("json")
         })
         .collect();
+    let stages_before = stage_totals(&app).await;
     let started = Instant::now();
     let mut blat: Vec<Duration> = futures::stream::iter(bodies.into_iter().enumerate())
         .map(|(b, body)| post_bytes(&app, "/v1/messages/batch", format!("{run}-b{b}"), body))
@@ -314,6 +315,7 @@ async fn main() {
         .collect()
         .await;
     let batch_rate = (batches * 1000) as f64 / started.elapsed().as_secs_f64();
+    let stages_batch = stage_means(&stages_before, &stage_totals(&app).await);
     blat.sort();
     let raw_batch = raw_produce(
         &app,
@@ -329,7 +331,7 @@ async fn main() {
         / 2.0;
     rows.push(json!({ "form": format!("batch of 1,000 ({clients} clients)"), "intents_per_s": batch_rate, "recipients_per_s": batch_rate,
                       "raw_per_s": raw_batch, "ratio": batch_rate / raw_batch,
-                      "p50_ms": percentile(&blat, 0.5), "p99_ms": percentile(&blat, 0.99) }));
+                      "p50_ms": percentile(&blat, 0.5), "p99_ms": percentile(&blat, 0.99), "stages": stages_batch }));
 
     // NDJSON campaigns of `BENCH_CAMPAIGN_RECIPIENTS` recipients (default
     // 300,000, the campaign of the pipeline), `BENCH_CAMPAIGN_ROUNDS` times

@@ -91,6 +91,7 @@ async fn single(state: &AppState, request: Request) -> Result<Response, ApiError
 
 async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError> {
     let Submission { tenant, key, correlation, headers, body } = submission(state, request).await?;
+    let started = std::time::Instant::now();
     let bytes = json_body(&headers, body, state.config.http.max_body_bytes).await?;
     let request: BatchRequest = validate::parse(&bytes)?;
     let max = state.config.http.max_batch_messages;
@@ -125,6 +126,7 @@ async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError>
         return Err(ApiError::Validation(all));
     }
     let hash = canonical_hash(&bytes)?;
+    submit::stage("check", started);
     let valid_indexes: Vec<u32> = (0..checked.len() as u32).filter(|i| checked[*i as usize].is_ok()).collect();
     let items = |batch: IntentId| valid_indexes.iter().map(|i| batch.item(*i)).collect::<Vec<_>>();
     let batch_id = match submit::claim_key(state, &tenant, &key, &hash, IntentKind::Batch, &items).await? {

@@ -159,7 +159,7 @@ pub async fn mark_accepted(state: &AppState, tenant: &TenantId, key: &str, respo
 }
 
 /// Where a submission's time goes, per step that waits on something:
-/// `check` (a campaign's body, received and checked), `claim` (the
+/// `check` (a campaign's or a batch's body, received and checked), `claim` (the
 /// idempotency key, PostgreSQL), `produce` (the broker's acknowledgement of
 /// every event), `record` (the response, PostgreSQL).
 pub(crate) fn stage(name: &'static str, started: std::time::Instant) {
