@@ -128,8 +128,8 @@ async fn post_bytes(app: &TestApp, path: &str, key: String, body: Vec<u8>) -> Du
     started.elapsed()
 }
 
-/// Ingest's own time per step (`ledger_ingest_stage_seconds`): sum and
-/// count per stage, from its /metrics.
+/// Ingest's own time per step (`ledger_ingest_stage_seconds`): sum, count
+/// and the 10 ms bucket per stage, from its /metrics.
 async fn stage_totals(app: &TestApp) -> std::collections::BTreeMap<String, StageTotals> {
     let text = app.http().get(app.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
     let mut totals: std::collections::BTreeMap<String, StageTotals> = std::collections::BTreeMap::new();
@@ -146,7 +146,7 @@ async fn stage_totals(app: &TestApp) -> std::collections::BTreeMap<String, Stage
         match (kind, le) {
             ("_sum", None) => entry.sum = value,
             ("_count", None) => entry.count = value,
-            ("_bucket", Some("0.01")) => entry.within_10ms = value,
+            ("_bucket", Some("0.01")) => entry.within_10ms = Some(value),
             _ => {}
         }
     }
@@ -158,8 +158,9 @@ async fn stage_totals(app: &TestApp) -> std::collections::BTreeMap<String, Stage
 struct StageTotals {
     sum: f64,
     count: f64,
-    /// Requests whose stage took at most 10 ms (the p99 target).
-    within_10ms: f64,
+    /// Requests whose stage took at most 10 ms (the p99 target); `None`
+    /// if the histogram has no bucket at 10 ms.
+    within_10ms: Option<f64>,
 }
 
 /// Per stage between two scrapes, as JSON: the mean milliseconds, and the
@@ -174,8 +175,10 @@ fn stage_means(
         let count = a.count - b.count;
         if count > 0.0 {
             means.insert(format!("{stage}_ms"), json!((a.sum - b.sum) / count * 1000.0));
-            let over = count - (a.within_10ms - b.within_10ms);
-            means.insert(format!("{stage}_over_10ms"), json!(over / count * 100.0));
+            if let Some(within) = a.within_10ms {
+                let over = count - (within - b.within_10ms.unwrap_or(0.0));
+                means.insert(format!("{stage}_over_10ms"), json!(over / count * 100.0));
+            }
         }
     }
     Value::Object(means)
@@ -411,6 +414,7 @@ async fn main() {
     let step = |s: &Value, name: &str| match (s[format!("{name}_ms")].as_f64(), s[format!("{name}_over_10ms")].as_f64())
     {
         (Some(ms), Some(over)) => format!("{ms:.2} ({over:.1} %)"),
+        (Some(ms), None) => format!("{ms:.2}"),
         _ => "–".into(),
     };
     for r in rows.iter().filter(|r| r.get("stages").is_some_and(Value::is_object)) {
