@@ -218,56 +218,47 @@ fn any_email_problem(address: &str) -> Option<&'static str> {
     None
 }
 
-/// [`email_problem`] of an ASCII address in one pass over its bytes (most
-/// addresses; a campaign checks a million): the same answers, in the same
-/// order of precedence.
+/// [`email_problem`] of an ASCII address (most addresses; a campaign
+/// checks a million): the same answers, in the same order of precedence.
+/// The classes of its bytes are gathered without a branch per byte, and
+/// its @ found by a search; only the domain's labels are walked.
 fn ascii_email_problem(a: &[u8]) -> Option<&'static str> {
-    let (mut bad, mut ats, mut last_at) = (false, 0usize, 0usize);
-    // The domain after the last @ so far: whether its labels so far and
-    // its bytes are fine, how many labels ended, where the current began.
-    let (mut domain_ok, mut labels, mut label_start) = (true, 0usize, 0usize);
-    for (i, &b) in a.iter().enumerate() {
-        match ASCII_CLASS[b as usize] {
-            DOMAIN => {}
-            DOT => {
-                domain_ok &= label_ok(&a[label_start..i]);
-                labels += 1;
-                label_start = i + 1;
-            }
-            AT => {
-                (ats, last_at) = (ats + 1, i);
-                (domain_ok, labels, label_start) = (true, 0, i + 1);
-            }
-            BAD => bad = true,
-            _ => domain_ok = false,
-        }
-    }
-    if bad {
+    let classes = |bytes: &[u8]| bytes.iter().fold(0u8, |seen, &b| seen | ASCII_CLASS[b as usize]);
+    if classes(a) & BAD != 0 {
         return Some("contains whitespace or a character not allowed in an address");
     }
-    if ats == 0 {
+    let Some(at) = memchr::memrchr(b'@', a) else {
         return Some("has no @");
-    }
-    if last_at == 0 || last_at > 64 || ats > 1 {
+    };
+    if at == 0 || at > 64 || memchr::memchr(b'@', &a[..at]).is_some() {
         return Some("has an invalid local part");
     }
-    if !(domain_ok && label_ok(&a[label_start..]) && labels >= 1) {
+    let domain = &a[at + 1..];
+    let mut labels = 0;
+    let fine = classes(domain) & LOCAL_ONLY == 0
+        && domain.split(|&b| b == b'.').all(|l| {
+            labels += 1;
+            label_ok(l)
+        });
+    if !(fine && labels >= 2) {
         return Some("has an invalid domain");
     }
     None
 }
 
-/// A domain label's length and ends (its bytes are checked as they pass).
+/// A domain label's length and ends (its bytes are checked apart).
 fn label_ok(l: &[u8]) -> bool {
     !l.is_empty() && l.len() <= 63 && l[0] != b'-' && l[l.len() - 1] != b'-'
 }
 
-/// What a byte of an ASCII address is to [`ascii_email_problem`].
-const DOMAIN: u8 = 0;
-const DOT: u8 = 1;
-const AT: u8 = 2;
-const BAD: u8 = 3;
-const LOCAL_ONLY: u8 = 4;
+/// What a byte of an ASCII address is to [`ascii_email_problem`], as a bit:
+/// a domain's byte (a letter, a digit or `-`), a dot, an @, a byte never
+/// allowed, or one allowed in the local part only.
+const DOMAIN: u8 = 1;
+const DOT: u8 = 2;
+const AT: u8 = 4;
+const BAD: u8 = 8;
+const LOCAL_ONLY: u8 = 16;
 const ASCII_CLASS: [u8; 256] = {
     let mut class = [LOCAL_ONLY; 256];
     let mut b = 0;
