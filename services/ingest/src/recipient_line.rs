@@ -29,8 +29,9 @@ pub struct Written<'a> {
 
 /// Writes the recipient of `line` into `out` (cleared first) as
 /// `{"address":…,"variables":…}`, compact, the variables left out when
-/// there are none; `vars` is scratch space (for variables with whitespace). `None` when the line is not in
-/// the subset described above (`out` then holds nothing of use).
+/// there are none; `vars` is scratch space (for variables with
+/// whitespace). `None` when the line is not in the subset described above
+/// (`out` then holds nothing of use).
 pub fn recipient<'a>(line: &'a [u8], out: &mut Vec<u8>, vars: &mut Vec<u8>) -> Option<Written<'a>> {
     out.clear();
     vars.clear();
