@@ -150,6 +150,21 @@ impl<W: Write> Collector<W> {
         Ok(())
     }
 
+    /// Takes recipients checked elsewhere, as `push` would one by one:
+    /// `out` holds their JSON, each followed by a comma.
+    fn extend(&mut self, out: &[u8], sizes: &[u32], keys: &[(u64, u64)]) -> Result<(), ApiError> {
+        if self.sizes.len() + sizes.len() > self.max_lines() {
+            return Err(ApiError::Validation(vec![FieldError {
+                field: "recipients".into(),
+                detail: format!("more than {} recipient lines, repeats included", self.max_lines()),
+            }]));
+        }
+        let first = self.sizes.len() as u32;
+        self.keys.extend(keys.iter().zip(first..).map(|(k, i)| (k.0, k.1, i)));
+        self.sizes.extend_from_slice(sizes);
+        self.out.write_all(out).map_err(|e| ApiError::Internal(format!("spool: {e}")))
+    }
+
     /// The output, and the recipients cut into batches bounded by count
     /// and bytes (as [`Batcher`] bounds them) with their repeats skipped.
     fn finish(mut self, max_recipients: usize, max_bytes: usize) -> Result<(W, Recipients), ApiError> {
@@ -358,16 +373,35 @@ async fn check_ndjson(state: &AppState, body: Body) -> Result<Checked, ApiError>
 /// so far is valid. Errors are collected (up to the reported maximum)
 /// except for a bad header or too many recipient lines, which end the
 /// request at once; too many distinct recipients are found at the end.
+///
+/// After the header, the body is cut into segments of whole lines
+/// (`segment_bytes` or a little more), each checked by a [`LineCheck`] on a
+/// thread of its own while the next arrive, and taken in order: the
+/// outcome is the same as checking every line one after the other.
 struct NdjsonCheck<W> {
     header: Option<CampaignHeader>,
     errors: Errors,
     collector: Collector<W>,
+    /// Lines taken (checked, or handed to a segment's check).
     line_no: usize,
-    /// The JSON of the recipient being checked; kept for the next.
-    json: Vec<u8>,
-    /// The fast path's scratch space for its variables; kept too.
-    variables: Vec<u8>,
+    /// Where the body is cut into segments checked in parallel.
+    segment_bytes: usize,
+    /// Buffers of segments taken, for the next ones: fresh ones cost as
+    /// much in page faults as a good part of checking their lines.
+    spare_segments: Vec<Vec<u8>>,
+    spare_checks: Vec<LineCheck>,
 }
+
+/// The body's bytes a segment holds, at least: large enough that handing
+/// it to a thread costs little against checking it, small enough that the
+/// segments in flight take little memory.
+const SEGMENT_BYTES: usize = 256 << 10;
+
+/// Segments being checked at once, at most (besides the one being cut).
+const SEGMENTS_IN_FLIGHT: usize = 3;
+
+/// A segment being checked: its check, and its buffer back.
+type Checking = tokio::task::JoinHandle<Result<(LineCheck, Vec<u8>), ApiError>>;
 
 impl<W: Write> NdjsonCheck<W> {
     fn new(collector: Collector<W>) -> Self {
@@ -376,8 +410,9 @@ impl<W: Write> NdjsonCheck<W> {
             errors: Errors::new(),
             collector,
             line_no: 0,
-            json: Vec::with_capacity(256),
-            variables: Vec::with_capacity(256),
+            segment_bytes: SEGMENT_BYTES,
+            spare_segments: Vec::new(),
+            spare_checks: Vec::new(),
         }
     }
 
@@ -387,99 +422,138 @@ impl<W: Write> NdjsonCheck<W> {
         chunks: impl futures::Stream<Item = Result<axum::body::Bytes, ApiError>>,
     ) -> Result<(), ApiError> {
         let mut chunks = std::pin::pin!(chunks);
-        let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+        let mut buf: Vec<u8> = Vec::with_capacity(self.segment_bytes + (1 << 16));
+        // `buf[..whole]` is whole lines, the rest a line still arriving.
+        let mut whole = 0;
+        let mut checking = std::collections::VecDeque::new();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
-            // Whole lines straight from the chunk; only a line cut by the
-            // chunk's end is copied.
-            let rest = if buf.is_empty() {
-                chunk
-            } else {
-                match memchr::memchr(b'\n', &chunk) {
-                    Some(pos) => {
-                        buf.extend_from_slice(&chunk[..=pos]);
-                        self.lines(&buf)?;
-                        buf.clear();
-                        chunk.slice(pos + 1..)
-                    }
-                    None => {
-                        buf.extend_from_slice(&chunk);
-                        chunk.slice(chunk.len()..)
-                    }
+            if let Some(end) = memchr::memrchr(b'\n', &chunk) {
+                whole = buf.len() + end + 1;
+            }
+            buf.extend_from_slice(&chunk);
+            if self.header.is_none() {
+                let done = self.header_lines(&buf[..whole])?;
+                buf.drain(..done);
+                whole -= done;
+            }
+            if self.header.is_some() && whole >= self.segment_bytes {
+                let mut next = self.spare_segments.pop().unwrap_or_default();
+                next.clear();
+                next.extend_from_slice(&buf[whole..]);
+                buf.truncate(whole);
+                let segment = std::mem::replace(&mut buf, next);
+                whole = 0;
+                checking.push_back(self.check_apart(segment));
+                while checking.len() > SEGMENTS_IN_FLIGHT {
+                    self.take_next(&mut checking).await?;
                 }
-            };
-            let done = self.lines(&rest)?;
-            buf.extend_from_slice(&rest[done..]);
-            if buf.len() > MAX_LINE_BYTES {
+            }
+            if buf.len() - whole > MAX_LINE_BYTES {
+                // What ends the request at once in a line before it comes first.
+                while !checking.is_empty() {
+                    self.take_next(&mut checking).await?;
+                }
+                self.lines(&buf[..whole])?;
                 return Err(ApiError::InvalidBody(vec![FieldError {
                     field: format!("line {}", self.line_no + 1),
                     detail: format!("longer than {MAX_LINE_BYTES} bytes"),
                 }]));
             }
         }
-        self.line(&buf)
+        while !checking.is_empty() {
+            self.take_next(&mut checking).await?;
+        }
+        let done = self.lines(&buf)?;
+        self.line(&buf[done..])
+    }
+
+    /// Hands the whole lines of `segment` to a thread of their own.
+    fn check_apart(&mut self, segment: Vec<u8>) -> Checking {
+        let mut check = self.line_check();
+        self.line_no += memchr::memchr_iter(b'\n', &segment).count();
+        tokio::task::spawn_blocking(move || {
+            check.lines(&segment)?;
+            Ok((check, segment))
+        })
+    }
+
+    /// Takes the outcome of the oldest segment still being checked.
+    async fn take_next(&mut self, checking: &mut std::collections::VecDeque<Checking>) -> Result<(), ApiError> {
+        let Some(next) = checking.pop_front() else { return Ok(()) };
+        let (check, segment) = next.await.map_err(|e| ApiError::Internal(format!("checking recipients: {e}")))??;
+        self.spare_segments.push(segment);
+        self.take(check)
+    }
+
+    /// Checks the lines of `bytes` up to the header's, one by one; returns
+    /// how many bytes that was.
+    fn header_lines(&mut self, bytes: &[u8]) -> Result<usize, ApiError> {
+        let mut start = 0;
+        while self.header.is_none() {
+            let Some(end) = memchr::memchr(b'\n', &bytes[start..]) else { break };
+            self.line(&bytes[start..start + end])?;
+            start += end + 1;
+        }
+        Ok(start)
     }
 
     /// Checks every complete line of `bytes`; returns how many bytes that
     /// was (the rest is a line still arriving).
     fn lines(&mut self, bytes: &[u8]) -> Result<usize, ApiError> {
-        let mut start = 0;
-        for end in memchr::memchr_iter(b'\n', bytes) {
-            self.line(&bytes[start..end])?;
-            start = end + 1;
+        let start = self.header_lines(bytes)?;
+        if self.header.is_none() {
+            return Ok(start);
         }
-        Ok(start)
+        let mut check = self.line_check();
+        let done = check.lines(&bytes[start..])?;
+        self.line_no = check.line_no;
+        self.take(check)?;
+        Ok(start + done)
     }
 
     fn line(&mut self, line: &[u8]) -> Result<(), ApiError> {
+        if self.header.is_some() {
+            let mut check = self.line_check();
+            check.line(line)?;
+            self.line_no = check.line_no;
+            return self.take(check);
+        }
         self.line_no += 1;
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
-        // Named only for an error: most lines have none.
-        let line_no = self.line_no;
-        let at = || format!("line {line_no}");
-        let Some(h) = &self.header else {
-            let header =
-                validate::parse_at::<CampaignHeader>(line, &at()).map_err(|e| ApiError::InvalidBody(vec![e]))?;
-            header.check(&mut self.errors);
-            self.header = Some(header);
-            return Ok(());
-        };
-        let channel = h.channel;
-        // Most lines: written straight from their bytes, as serde's path
-        // below would write them (see `recipient_line`).
-        if let Some(w) = recipient_line::recipient(line, &mut self.json, &mut self.variables) {
-            return self.checked(channel, w.address, w.variables_size);
-        }
-        let r = match serde_json::from_slice::<Recipient>(line) {
-            Ok(r) => r,
-            Err(_) => match validate::parse_at::<Recipient>(line, &at()) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.errors.add(e.field, e.detail);
-                    return Ok(());
-                }
-            },
-        };
-        self.json.clear();
-        let size = write_recipient(&mut self.json, &r)?;
-        self.checked(channel, &r.address, size)
+        let at = format!("line {}", self.line_no);
+        let header = validate::parse_at::<CampaignHeader>(line, &at).map_err(|e| ApiError::InvalidBody(vec![e]))?;
+        header.check(&mut self.errors);
+        self.header = Some(header);
+        Ok(())
     }
 
-    /// The checks of a recipient whose JSON is in `self.json`, and its
-    /// collection when the campaign has no problem so far.
-    fn checked(&mut self, channel: Channel, address: &str, variables_size: usize) -> Result<(), ApiError> {
-        if let Some(p) = validate::address_problem(channel, address) {
-            self.errors.add(format!("line {}.address", self.line_no), p);
+    /// A check of the lines after those taken so far.
+    fn line_check(&mut self) -> LineCheck {
+        let channel = self.header.as_ref().map_or(Channel::Email, |h| h.channel);
+        match self.spare_checks.pop() {
+            Some(mut check) => {
+                (check.channel, check.line_no) = (channel, self.line_no);
+                check
+            }
+            None => LineCheck::new(channel, self.collector.hasher, self.line_no),
         }
-        if let Some(p) = validate::variables_problem(variables_size) {
-            self.errors.add(format!("line {}.variables", self.line_no), p);
-        }
+    }
+
+    /// Takes what a segment's check found, in the order of the lines: its
+    /// recipients while no line so far has a problem, and its problems.
+    fn take(&mut self, mut check: LineCheck) -> Result<(), ApiError> {
         if self.errors.is_empty() {
-            self.collector.push(address, &self.json)?;
+            self.collector.extend(&check.out, &check.sizes, &check.keys)?;
         }
+        self.errors.extend(std::mem::take(&mut check.errors));
+        check.out.clear();
+        check.sizes.clear();
+        check.keys.clear();
+        self.spare_checks.push(check);
         Ok(())
     }
 
@@ -498,6 +572,99 @@ impl<W: Write> NdjsonCheck<W> {
             return Err(empty());
         }
         Ok((header, out, recipients))
+    }
+}
+
+/// The check of a run of recipient lines (those after the header), apart
+/// from the lines before it: what it finds is taken by [`NdjsonCheck`] in
+/// the order of the lines. Its recipients are collected until its first
+/// problem.
+struct LineCheck {
+    channel: Channel,
+    hasher: SipHasher13,
+    /// The number of the last line checked.
+    line_no: usize,
+    /// The recipients' JSON, each followed by a comma, with each one's size
+    /// and key, as [`Collector`] takes them.
+    out: Vec<u8>,
+    sizes: Vec<u32>,
+    keys: Vec<(u64, u64)>,
+    errors: Errors,
+    /// The JSON of the recipient being checked; kept for the next.
+    json: Vec<u8>,
+    /// The fast path's scratch space for its variables; kept too.
+    variables: Vec<u8>,
+}
+
+impl LineCheck {
+    fn new(channel: Channel, hasher: SipHasher13, line_no: usize) -> Self {
+        LineCheck {
+            channel,
+            hasher,
+            line_no,
+            out: Vec::new(),
+            sizes: Vec::new(),
+            keys: Vec::new(),
+            errors: Errors::new(),
+            json: Vec::with_capacity(256),
+            variables: Vec::with_capacity(256),
+        }
+    }
+
+    /// Checks every complete line of `bytes`; returns how many bytes that
+    /// was.
+    fn lines(&mut self, bytes: &[u8]) -> Result<usize, ApiError> {
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', bytes) {
+            self.line(&bytes[start..end])?;
+            start = end + 1;
+        }
+        Ok(start)
+    }
+
+    fn line(&mut self, line: &[u8]) -> Result<(), ApiError> {
+        self.line_no += 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        // Most lines: written straight from their bytes, as serde's path
+        // below would write them (see `recipient_line`).
+        if let Some(w) = recipient_line::recipient(line, &mut self.json, &mut self.variables) {
+            return self.checked(w.address, w.variables_size);
+        }
+        let r = match serde_json::from_slice::<Recipient>(line) {
+            Ok(r) => r,
+            Err(_) => match validate::parse_at::<Recipient>(line, &format!("line {}", self.line_no)) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.errors.add(e.field, e.detail);
+                    return Ok(());
+                }
+            },
+        };
+        self.json.clear();
+        let size = write_recipient(&mut self.json, &r)?;
+        self.checked(&r.address, size)
+    }
+
+    /// The checks of a recipient whose JSON is in `self.json`, and its
+    /// collection when no line so far has a problem.
+    fn checked(&mut self, address: &str, variables_size: usize) -> Result<(), ApiError> {
+        if let Some(p) = validate::address_problem(self.channel, address) {
+            self.errors.add(format!("line {}.address", self.line_no), p);
+        }
+        if let Some(p) = validate::variables_problem(variables_size) {
+            self.errors.add(format!("line {}.variables", self.line_no), p);
+        }
+        if self.errors.is_empty() {
+            let size = u32::try_from(self.json.len()).map_err(|_| ApiError::Internal("recipient too large".into()))?;
+            self.keys.push(address_key(&self.hasher, address));
+            self.sizes.push(size);
+            self.out.extend_from_slice(&self.json);
+            self.out.push(b',');
+        }
+        Ok(())
     }
 }
 
@@ -961,6 +1128,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn errors_extended_are_errors_added_one_by_one() {
+        for (n, cut) in [(0, 0), (3, 1), (60, 10), (60, 50), (60, 55), (120, 70)] {
+            let error = |i: usize| (format!("line {i}"), "bad".to_owned());
+            let mut one_by_one = Errors::new();
+            (0..n).for_each(|i| one_by_one.add(error(i).0, error(i).1));
+            let (mut first, mut later) = (Errors::new(), Errors::new());
+            (0..cut).for_each(|i| first.add(error(i).0, error(i).1));
+            (cut..n).for_each(|i| later.add(error(i).0, error(i).1));
+            first.extend(later);
+            assert_eq!(
+                format!("{:?}", first.into_result()),
+                format!("{:?}", one_by_one.into_result()),
+                "{n} cut at {cut}"
+            );
+        }
+    }
+
     /// What checking `body` ends with: comparable, success or refusal.
     fn outcome(check: NdjsonCheck<Vec<u8>>, result: Result<(), ApiError>) -> String {
         let line_no = check.line_no;
@@ -982,6 +1167,7 @@ mod tests {
         fn chunks_do_not_change_what_a_campaign_is(
             lines in proptest::collection::vec((0u8..7, 0u8..20, proptest::bool::ANY), 0..40),
             chunk in 1usize..200,
+            segment in 1usize..400,
             trailing_newline in proptest::bool::ANY,
         ) {
             let mut body = String::from(r#"{"content":{"text":"hi"}}"#);
@@ -1002,16 +1188,22 @@ mod tests {
                 body.push('\n');
             }
             let body = body.into_bytes();
-            // The reference: every line at once, one after the other.
+            // The reference: one line after the other.
+            let mut one_by_one = NdjsonCheck::new(Collector::new(Vec::new(), 10));
+            let result = body.split(|b| *b == b'\n').try_for_each(|line| one_by_one.line(line));
+            let expected = outcome(one_by_one, result);
+            // Every line at once.
             let mut whole = NdjsonCheck::new(Collector::new(Vec::new(), 10));
             let result = whole.lines(&body).and_then(|done| whole.line(&body[done..]));
-            let expected = outcome(whole, result);
+            proptest::prop_assert_eq!(outcome(whole, result), expected.clone());
 
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
             let got = runtime.block_on(async {
                 let chunks: Vec<Result<axum::body::Bytes, ApiError>> =
                     body.chunks(chunk).map(|c| Ok(axum::body::Bytes::copy_from_slice(c))).collect();
                 let mut check = NdjsonCheck::new(Collector::new(Vec::new(), 10));
+                // Cut into segments checked apart, of one line or more.
+                check.segment_bytes = segment;
                 let result = check.read(futures::stream::iter(chunks)).await;
                 outcome(check, result)
             });
@@ -1028,6 +1220,29 @@ mod tests {
         let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
         let n = env("LINES", 1_000_000);
         let body = ndjson_body(n);
+        // As `check_ndjson` checks a body: chunks of 64 KiB, segments
+        // checked on threads of their own.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+        let body_chunks = axum::body::Bytes::from(body.clone());
+        for _ in 0..env("ROUNDS", 1) {
+            let chunks: Vec<Result<axum::body::Bytes, ApiError>> = (0..body_chunks.len())
+                .step_by(1 << 16)
+                .map(|at| Ok(body_chunks.slice(at..body_chunks.len().min(at + (1 << 16)))))
+                .collect();
+            let started = std::time::Instant::now();
+            let mut check = NdjsonCheck::new(Collector::new(std::io::sink(), usize::MAX));
+            runtime.block_on(check.read(futures::stream::iter(chunks))).unwrap();
+            let read = started.elapsed();
+            let (_, _, recipients) = check.finish(1000, 256 << 10).unwrap();
+            let elapsed = started.elapsed();
+            println!(
+                "in segments: {} recipients in {} batches: {:.0} ns a line ({:.0} of them reading)",
+                recipients.count(),
+                recipients.batches.len(),
+                elapsed.as_nanos() as f64 / n as f64,
+                read.as_nanos() as f64 / n as f64
+            );
+        }
         for _ in 0..env("ROUNDS", 1) {
             let started = std::time::Instant::now();
             let mut check = NdjsonCheck::new(Collector::new(std::io::sink(), usize::MAX));

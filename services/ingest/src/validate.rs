@@ -313,6 +313,13 @@ impl Errors {
         self.total == 0
     }
 
+    /// Adds `later`'s errors after these, as if added one by one.
+    pub fn extend(&mut self, later: Errors) {
+        let room = MAX_REPORTED_ERRORS.saturating_sub(self.list.len());
+        self.list.extend(later.list.into_iter().take(room));
+        self.total += later.total;
+    }
+
     pub fn into_result(mut self) -> Result<(), ApiError> {
         if self.total == 0 {
             return Ok(());
