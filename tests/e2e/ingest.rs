@@ -53,6 +53,14 @@ async fn a_batch_accepts_each_valid_message_and_reports_each_invalid_one() {
     let again = app.post("/v1/messages/batch", Some("batch-1"), &body).await;
     assert_eq!(again.status, 202);
     assert_eq!(again.body, reply.body);
+    // What is kept for the replay holds no accepted result: those are
+    // derived again from the batch id and the request.
+    let kept: Value = sqlx::query_scalar("SELECT response FROM idempotency_keys WHERE key = 'batch-1'")
+        .fetch_one(&app.ops)
+        .await
+        .expect("kept response");
+    assert!(kept.get("results").is_none(), "kept: {kept}");
+    assert!(!kept.to_string().contains(results[0]["message_id"].as_str().expect("id")), "kept: {kept}");
 
     let all_bad = json!({ "messages": [message("x"), message("y")] });
     let refused = app.post("/v1/messages/batch", Some("batch-2"), &all_bad).await;

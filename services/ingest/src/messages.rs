@@ -130,7 +130,7 @@ async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError>
     let valid_indexes: Vec<u32> = (0..checked.len() as u32).filter(|i| checked[*i as usize].is_ok()).collect();
     let items = |batch: IntentId| valid_indexes.iter().map(|i| batch.item(*i)).collect::<Vec<_>>();
     let batch_id = match submit::claim_key(state, &tenant, &key, &hash, IntentKind::Batch, &items).await? {
-        Claim::Replay(response) => return Ok(accepted(response, None, true, &correlation)),
+        Claim::Replay(kept) => return Ok(accepted(replayed(kept, &request.messages), None, true, &correlation)),
         Claim::Produce(intent) => intent,
     };
     let valid: Vec<(u32, &MessageRequest, Option<TemplateRef>)> = request
@@ -149,29 +149,116 @@ async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError>
     }
     submit::produce_all(state, submit::IN_FLIGHT_SMALL, futures::stream::iter(events)).await?;
 
-    let results: Vec<Value> = request
-        .messages
+    let rejected: Vec<Value> = checked
         .iter()
-        .zip(&checked)
         .enumerate()
-        .map(|(i, (m, check))| match check {
-            Ok(_) => {
-                let intent = batch_id.item(i as u32);
-                json!({ "index": i, "status": "accepted", "intent_id": intent, "message_id": MessageId::derive(intent, &m.to) })
-            }
-            Err(errors) => json!({ "index": i, "status": "rejected", "errors": errors }),
+        .filter_map(|(i, check)| {
+            check.as_ref().err().map(|errors| json!({ "index": i, "status": "rejected", "errors": errors }))
         })
         .collect();
-    let response = json!({
+    let kept = json!({
         "batch_id": batch_id,
         "accepted": valid.len(),
         "rejected": request.messages.len() - valid.len(),
-        "results": results,
+        KEPT_REJECTED: rejected,
     });
-    submit::mark_accepted(state, &tenant, &key, &response).await?;
+    submit::mark_accepted(state, &tenant, &key, &kept).await?;
+    let response = replayed(kept, &request.messages);
     metrics::counter!("ledger_intents_accepted_total", "tenant" => tenant.0.clone(), "kind" => "batch")
         .increment(valid.len() as u64);
     metrics::counter!("ledger_recipients_accepted_total", "tenant" => tenant.0.clone(), "kind" => "batch")
         .increment(valid.len() as u64);
     Ok(accepted(response, None, false, &correlation))
+}
+
+/// Where the response kept for a batch's replays holds its rejected
+/// results: the accepted ones are left out, and derived again from the
+/// batch id and the request (the same request on every replay: its hash is
+/// the key's). About 140 bytes a message were stored and parsed into jsonb
+/// by PostgreSQL otherwise, several milliseconds of its time for a batch of
+/// 1,000; the response is the same either way.
+const KEPT_REJECTED: &str = "rejected_results";
+
+/// The response to a batch from what was kept of it (see [`KEPT_REJECTED`]):
+/// each message's result in order, the accepted ones derived. A response
+/// kept whole (before [`KEPT_REJECTED`]) is the response.
+fn replayed(kept: Value, messages: &[MessageRequest]) -> Value {
+    let Value::Object(mut response) = kept else { return kept };
+    let Some(Value::Array(rejected)) = response.remove(KEPT_REJECTED) else { return Value::Object(response) };
+    let Some(batch) = response.get("batch_id").and_then(|id| serde_json::from_value::<IntentId>(id.clone()).ok())
+    else {
+        return Value::Object(response);
+    };
+    let mut rejected = rejected.into_iter().peekable();
+    let results: Vec<Value> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match rejected.next_if(|r| r["index"] == i) {
+            Some(r) => r,
+            None => {
+                let intent = batch.item(i as u32);
+                json!({ "index": i, "status": "accepted", "intent_id": intent, "message_id": MessageId::derive(intent, &m.to) })
+            }
+        })
+        .collect();
+    response.insert("results".into(), Value::Array(results));
+    Value::Object(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(addresses: &[&str]) -> Vec<MessageRequest> {
+        addresses
+            .iter()
+            .map(|to| {
+                validate::parse(
+                    json!({ "to": to, "from": "shop@example.com", "content": { "text": "hi" } }).to_string().as_bytes(),
+                )
+                .expect("a message")
+            })
+            .collect()
+    }
+
+    /// The response as the batch built it whole, each result in order.
+    fn whole(batch: IntentId, messages: &[MessageRequest], rejected: &[usize]) -> Value {
+        let results: Vec<Value> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if rejected.contains(&i) {
+                    json!({ "index": i, "status": "rejected", "errors": [{ "field": "to", "detail": format!("bad {i}") }] })
+                } else {
+                    let intent = batch.item(i as u32);
+                    json!({ "index": i, "status": "accepted", "intent_id": intent, "message_id": MessageId::derive(intent, &m.to) })
+                }
+            })
+            .collect();
+        json!({ "batch_id": batch, "accepted": messages.len() - rejected.len(), "rejected": rejected.len(), "results": results })
+    }
+
+    #[test]
+    fn a_batch_kept_without_its_accepted_results_is_replayed_as_it_was_answered() {
+        let list = messages(&["a@example.com", "b@example.com", "c@example.com", "d@example.com", "e@example.com"]);
+        for rejected in [vec![], vec![0], vec![2], vec![4], vec![0, 1, 3], vec![1, 2, 3, 4]] {
+            let batch = IntentId::fresh();
+            let answered = whole(batch, &list, &rejected);
+            let kept = json!({
+                "batch_id": batch,
+                "accepted": list.len() - rejected.len(),
+                "rejected": rejected.len(),
+                KEPT_REJECTED: answered["results"].as_array().unwrap().iter().filter(|r| r["status"] == "rejected").collect::<Vec<_>>(),
+            });
+            assert!(kept.to_string().len() < 200 + 80 * rejected.len(), "kept small: {kept}");
+            assert_eq!(replayed(kept, &list), answered, "rejected {rejected:?}");
+        }
+    }
+
+    #[test]
+    fn a_batch_response_kept_whole_is_replayed_unchanged() {
+        let list = messages(&["a@example.com", "b@example.com"]);
+        let answered = whole(IntentId::fresh(), &list, &[1]);
+        assert_eq!(replayed(answered.clone(), &list), answered);
+    }
 }
