@@ -2,7 +2,7 @@
 //! events and wait for every acknowledgement, remember the answer.
 
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use ledger_runtime::kafka;
 use ledger_schemas::{
     Channel, Content, Event, EventBody, EventId, IntentAccepted, IntentId, IntentKind, Priority, Recipient,
@@ -322,20 +322,27 @@ pub async fn produce_encoded(
     in_flight: usize,
     events: impl futures::Stream<Item = Result<(String, kafka::Encoded), ApiError>>,
 ) -> Result<u64, ApiError> {
-    let config = &state.config;
-    let producer = &state.producer;
-    let retry_after_secs = config.http.retry_after_secs;
+    let retry_after_secs = state.config.http.retry_after_secs;
+    let unavailable =
+        |e: rdkafka::error::KafkaError| ApiError::BrokerUnavailable { detail: e.to_string(), retry_after_secs };
     let started = std::time::Instant::now();
-    let produced = events
-        .map(|encoded| async move {
-            let (key, encoded) = encoded?;
-            kafka::send_encoded(producer, config, Topic::Intents, &key, encoded)
-                .await
-                .map_err(|e| ApiError::BrokerUnavailable { detail: e.to_string(), retry_after_secs })
-        })
-        .buffered(in_flight)
-        .try_fold(0u64, |n, ()| async move { Ok(n + 1) })
-        .await;
+    let mut window = kafka::ProduceWindow::new(&state.producer, &state.config, Topic::Intents, in_flight);
+    let mut events = std::pin::pin!(events);
+    let mut produced = Ok(());
+    while let Some(event) = events.next().await {
+        let sent = match event {
+            Ok((key, encoded)) => window.send(&key, encoded).await.map_err(unavailable),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            produced = Err(e);
+            break;
+        }
+    }
+    let produced = match produced {
+        Ok(()) => window.finish().await.map_err(unavailable),
+        Err(e) => Err(e),
+    };
     stage("produce", started);
     produced
 }
