@@ -274,13 +274,21 @@ impl Event {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        // Serialising plain data structures to a Vec cannot fail.
         // Room for a typical outcome event, so the writer rarely regrows.
         let mut out = Vec::with_capacity(512);
-        if serde_json::to_writer(&mut out, self).is_err() {
+        self.write_json(&mut out);
+        out
+    }
+
+    /// [`to_json`](Self::to_json) into `out`, which is cleared first: a
+    /// buffer kept by a caller that encodes many events (and hands the
+    /// bytes on, as the producer copies them) is allocated and grown once.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.clear();
+        // Serialising plain data structures to a Vec cannot fail.
+        if serde_json::to_writer(&mut *out, self).is_err() {
             out.clear();
         }
-        out
     }
 
     /// Decodes a record's value. The error says why, for the dead letter.
@@ -707,6 +715,17 @@ mod tests {
         assert_eq!(v["type"], "delivery.delivered.v1");
         assert_eq!(v["data"]["provider"], "sink");
         assert_eq!(Event::from_json(&json).unwrap(), e);
+    }
+
+    #[test]
+    fn an_event_written_into_a_used_buffer_is_the_event_alone() {
+        let e = delivered();
+        let mut longer = delivered();
+        longer.correlation_id = "c".repeat(2_000);
+        let mut buf = longer.to_json();
+        e.write_json(&mut buf);
+        assert_eq!(buf, e.to_json());
+        assert_eq!(Event::from_json(&buf).unwrap(), e);
     }
 
     #[test]

@@ -142,6 +142,10 @@ fn main() {
 async fn run() {
     let recipients: usize =
         std::env::var("BENCH_PIPELINE_RECIPIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(300_000);
+    // Checked before the campaign: the lag table at the end needs delivered
+    // messages to measure (0 used to end the run in a panic after its work).
+    let lag_secs: u64 = std::env::var("BENCH_PIPELINE_LAG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    assert!(lag_secs >= 1, "BENCH_PIPELINE_LAG_SECS must be a whole number of seconds, at least 1");
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
     config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -306,7 +310,6 @@ async fn run() {
     // BENCH_PIPELINE_LAG_SECS (20): the projection's lag while the pipeline
     // runs below its maximum, as an operator's would.
     let fraction: f64 = std::env::var("BENCH_LAG_FRACTION").ok().and_then(|v| v.parse().ok()).unwrap_or(0.7);
-    let lag_secs: u64 = std::env::var("BENCH_PIPELINE_LAG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let paced = paced_lag(&http, &base, &key, &reporting, intent, fraction * rate, lag_secs).await;
     drop(roles);
     let split = lag_from_the_log(&config, intent, &paced);

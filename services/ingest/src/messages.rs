@@ -74,7 +74,7 @@ async fn single(state: &AppState, request: Request) -> Result<Response, ApiError
     let env = Envelope { tenant: &tenant, correlation: &correlation, now: Utc::now() };
     let spec = spec(intent, IntentKind::Single, &message, template, &hex::encode(&hash));
     let events = message_events(&spec, &env, &message);
-    submit::produce_all(state, submit::IN_FLIGHT_SMALL, futures::stream::iter(events.into_iter().map(Ok))).await?;
+    submit::produce_all(state, submit::IN_FLIGHT_SMALL, &events).await?;
 
     let response = json!({
         "intent_id": intent,
@@ -143,11 +143,9 @@ async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError>
     let hex_hash = hex::encode(&hash);
     let mut events = Vec::with_capacity(valid.len() * 2);
     for (i, m, t) in &valid {
-        events.extend(
-            message_events(&spec(batch_id.item(*i), IntentKind::Batch, m, t.clone(), &hex_hash), &env, m).map(Ok),
-        );
+        events.extend(message_events(&spec(batch_id.item(*i), IntentKind::Batch, m, t.clone(), &hex_hash), &env, m));
     }
-    submit::produce_all(state, submit::IN_FLIGHT_SMALL, futures::stream::iter(events)).await?;
+    submit::produce_all(state, submit::IN_FLIGHT_SMALL, &events).await?;
 
     let rejected: Vec<Value> = checked
         .iter()

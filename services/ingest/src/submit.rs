@@ -306,14 +306,31 @@ impl<T> Batcher<T> {
 
 /// Produces `events` (key = intent id) with a bounded number in flight and
 /// returns once the broker acknowledged every one of them.
-pub async fn produce_all(
-    state: &AppState,
-    in_flight: usize,
-    events: impl futures::Stream<Item = Result<Event, ApiError>>,
-) -> Result<u64, ApiError> {
-    // Encoded now, so only bytes wait for the acknowledgement.
-    let encoded = events.map(|event| event.map(|e| (e.intent_id.to_string(), kafka::Encoded::from(&e))));
-    produce_encoded(state, in_flight, encoded).await
+pub async fn produce_all(state: &AppState, in_flight: usize, events: &[Event]) -> Result<u64, ApiError> {
+    let started = std::time::Instant::now();
+    let mut window = kafka::ProduceWindow::new(&state.producer, &state.config, Topic::Intents, in_flight);
+    // Each event is encoded as it goes, into the window's one buffer, and
+    // its key into this one.
+    let mut key = uuid::Uuid::encode_buffer();
+    let mut produced = Ok(());
+    for event in events {
+        let key = event.intent_id.0.hyphenated().encode_lower(&mut key);
+        if let Err(e) = window.send_event(key, event).await {
+            produced = Err(e);
+            break;
+        }
+    }
+    let produced = match produced {
+        Ok(()) => window.finish().await,
+        Err(e) => Err(e),
+    };
+    stage("produce", started);
+    produced.map_err(|e| unavailable(state, e))
+}
+
+/// A record the broker did not take: 503, with when to try again.
+fn unavailable(state: &AppState, e: rdkafka::error::KafkaError) -> ApiError {
+    ApiError::BrokerUnavailable { detail: e.to_string(), retry_after_secs: state.config.http.retry_after_secs }
 }
 
 /// As [`produce_all`], for events encoded already, with their keys.
@@ -322,9 +339,7 @@ pub async fn produce_encoded(
     in_flight: usize,
     events: impl futures::Stream<Item = Result<(String, kafka::Encoded), ApiError>>,
 ) -> Result<u64, ApiError> {
-    let retry_after_secs = state.config.http.retry_after_secs;
-    let unavailable =
-        |e: rdkafka::error::KafkaError| ApiError::BrokerUnavailable { detail: e.to_string(), retry_after_secs };
+    let unavailable = |e| unavailable(state, e);
     let started = std::time::Instant::now();
     let mut window = kafka::ProduceWindow::new(&state.producer, &state.config, Topic::Intents, in_flight);
     let mut events = std::pin::pin!(events);
