@@ -437,8 +437,20 @@ async fn a_killed_dispatcher_process_sends_nothing_twice_and_reports_what_is_amb
     let reply = app.post("/v1/campaigns", Some("crash"), &campaign).await;
     assert_eq!(reply.status, 202, "{}", reply.body);
     let intent = uuid::Uuid::parse_str(reply.body["intent_id"].as_str().expect("id")).expect("uuid");
-    eventually("deliveries under way", Duration::from_secs(60), || async { (app.sink_total() >= 30).then_some(()) })
-        .await;
+    // Killed while calls are in flight: attempted claims, each call taking
+    // 300 ms. (Killed as soon as 30 had arrived, under the load of the whole
+    // suite the dispatcher once had none in flight at that moment, and the
+    // scenario then had nothing ambiguous to show.)
+    eventually("deliveries under way, calls in flight", Duration::from_secs(60), || async {
+        let in_flight: i64 = sqlx::query_scalar(
+            "-- tests::calls_in_flight\nSELECT count(*) FROM delivery_claims WHERE state = 'attempted'",
+        )
+        .fetch_one(&app.ops)
+        .await
+        .expect("query");
+        (app.sink_total() >= 30 && in_flight > 0).then_some(())
+    })
+    .await;
     dispatcher.kill().expect("SIGKILL");
     dispatcher.wait().expect("reaped");
     let at_kill = app.sink_total();

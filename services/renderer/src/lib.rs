@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures::future::join_all;
 use ledger_runtime::{kafka, Config, RuntimeError, Shutdown};
 use ledger_schemas::{
     ConsumerGroup, Event, EventBody, EventId, MessageCancelled, MessageId, RecipientBatch, RenderFailed, Topic,
@@ -352,14 +351,23 @@ impl Renderer {
 
     /// Produces message events (rendered, failed, cancelled) keyed by their
     /// message id and waits for every acknowledgement.
+    ///
+    /// Through one produce window as wide as the batch: every record is
+    /// handed to the producer, encoded into the window's one buffer (its key
+    /// on the stack), before the first acknowledgement is awaited. Until
+    /// 2026-12-08 each record was a `send_event` future of its own, with its
+    /// own buffer and key, polled through `join_all`.
     async fn send_all(&self, events: &[Event]) -> Result<(), RenderError> {
-        let sends = events.iter().map(|e| {
-            let key = e.message_id.map(|m| m.to_string()).unwrap_or_default();
-            async move { kafka::send_event(&self.producer, &self.config, Topic::Rendered, &key, e).await }
-        });
-        for result in join_all(sends).await {
-            result?;
+        let mut window = kafka::ProduceWindow::new(&self.producer, &self.config, Topic::Rendered, events.len());
+        let mut buffer = uuid::Uuid::encode_buffer();
+        for e in events {
+            let key = match e.message_id {
+                Some(m) => &*m.0.hyphenated().encode_lower(&mut buffer),
+                None => "",
+            };
+            window.send_event(key, e).await?;
         }
+        window.finish().await?;
         Ok(())
     }
 }
