@@ -309,18 +309,7 @@ impl<T> Batcher<T> {
 pub async fn produce_all(state: &AppState, in_flight: usize, events: &[Event]) -> Result<u64, ApiError> {
     let started = std::time::Instant::now();
     let mut window = kafka::ProduceWindow::new(&state.producer, &state.config, Topic::Intents, in_flight);
-    // Each event is encoded as it goes, into the window's one buffer, and
-    // its key into this one.
-    let mut key = uuid::Uuid::encode_buffer();
-    let mut produced = Ok(());
-    for event in events {
-        let key = event.intent_id.0.hyphenated().encode_lower(&mut key);
-        if let Err(e) = window.send_event(key, event).await {
-            produced = Err(e);
-            break;
-        }
-    }
-    let produced = match produced {
+    let produced = match window.send_events(events, |e| Some(e.intent_id.0)).await {
         Ok(()) => window.finish().await,
         Err(e) => Err(e),
     };

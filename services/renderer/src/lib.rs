@@ -359,14 +359,7 @@ impl Renderer {
     /// own buffer and key, polled through `join_all`.
     async fn send_all(&self, events: &[Event]) -> Result<(), RenderError> {
         let mut window = kafka::ProduceWindow::new(&self.producer, &self.config, Topic::Rendered, events.len());
-        let mut buffer = uuid::Uuid::encode_buffer();
-        for e in events {
-            let key = match e.message_id {
-                Some(m) => &*m.0.hyphenated().encode_lower(&mut buffer),
-                None => "",
-            };
-            window.send_event(key, e).await?;
-        }
+        window.send_events(events, |e| e.message_id.map(|m| m.0)).await?;
         window.finish().await?;
         Ok(())
     }

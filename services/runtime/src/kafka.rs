@@ -349,6 +349,25 @@ impl<'a> ProduceWindow<'a> {
         sent
     }
 
+    /// [`send_event`](Self::send_event) for each of `events` in order, under
+    /// the key `key` gives it (a uuid, written as text on the stack; none:
+    /// an empty key). Stops at the first record the producer refuses.
+    pub async fn send_events(
+        &mut self,
+        events: &[Event],
+        key: impl Fn(&Event) -> Option<Uuid>,
+    ) -> Result<(), KafkaError> {
+        let mut buffer = Uuid::encode_buffer();
+        for event in events {
+            let key = match key(event) {
+                Some(id) => &*id.hyphenated().encode_lower(&mut buffer),
+                None => "",
+            };
+            self.send_event(key, event).await?;
+        }
+        Ok(())
+    }
+
     /// Hands the record to the producer, first waiting for the oldest
     /// acknowledgement when `in_flight` wait already. A full local queue
     /// is waited out as [`FutureProducer::send`] does, for at most
