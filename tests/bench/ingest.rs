@@ -260,7 +260,11 @@ async fn main() {
                       "stages": stage_means(&stages_before, &stages_max) }));
 
     // Single messages paced at 70 % of that maximum: latency under load.
-    let paced_rate = single_rate * 0.7;
+    // (`BENCH_PACED_RATE`: at that many a second instead, to compare two
+    // builds at the same rate.)
+    let paced_rate = std::env::var("BENCH_PACED_RATE")
+        .map(|r| r.parse::<f64>().expect("BENCH_PACED_RATE"))
+        .unwrap_or(single_rate * 0.7);
     // For `BENCH_PACED_SECS` seconds (default 5).
     let paced_n = (paced_rate * env_usize("BENCH_PACED_SECS", 5) as f64) as usize;
     let interval = Duration::from_secs_f64(1.0 / paced_rate);
@@ -410,7 +414,7 @@ async fn main() {
             f(&r["p99_ms"], 2)
         ));
     }
-    md.push_str("\nWhere a submission's time goes inside ingest (mean ms per request, `ledger_ingest_stage_seconds`; in brackets the share of requests whose step alone took over 10 ms):\n\n| form | receive and check the body | claim the key | produce (acks) | record the response |\n|---|---:|---:|---:|---:|\n");
+    md.push_str("\nWhere a submission's time goes inside ingest (mean ms per request, `ledger_ingest_stage_seconds`; in brackets the share of requests whose step alone took over 10 ms):\n\n| form | receive and check the body | claim the key | produce (acks) | record the response (after answering) |\n|---|---:|---:|---:|---:|\n");
     let step = |s: &Value, name: &str| match (s[format!("{name}_ms")].as_f64(), s[format!("{name}_over_10ms")].as_f64())
     {
         (Some(ms), Some(over)) => format!("{ms:.2} ({over:.1} %)"),

@@ -284,11 +284,11 @@ async fn concurrent_duplicates_get_one_intent_and_one_delivery() {
     app.stop().await;
 }
 
-/// Ingest records the response it gave without waiting for that commit to
-/// reach the disk (`submit::mark_accepted`). If PostgreSQL crashes and the
-/// record is lost, the key is *pending* again: a retry must get the same
-/// answer and cause no second delivery. Here the record is taken away by
-/// hand, as such a crash would.
+/// Ingest records the response it gave after giving it, without waiting
+/// for that commit to reach the disk (`submit::record_accepted`). If ingest
+/// or PostgreSQL crashes and the record is lost, the key is *pending* again:
+/// a retry must get the same answer and cause no second delivery. Here the
+/// record is taken away by hand, as such a crash would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_response_record_gives_the_same_answer_and_one_delivery() {
     let app = spawn_app().await;
@@ -316,11 +316,15 @@ async fn a_lost_response_record_gives_the_same_answer_and_one_delivery() {
     assert_eq!(again.body, first.body, "the same response, every id derived from the key");
     let other = app.post("/v1/messages", Some("lost-record"), &message("someone-else@example.com")).await;
     assert_eq!(other.status, 409, "the request hash survived: {}", other.body);
-    let state: String = sqlx::query_scalar("SELECT state FROM idempotency_keys WHERE key = 'lost-record'")
-        .fetch_one(&app.ops)
-        .await
-        .expect("state");
-    assert_eq!(state, "accepted", "the retry recorded the response again");
+    // The retry records the response again, once it has answered.
+    eventually("the response recorded again", Duration::from_secs(10), || async {
+        let state: String = sqlx::query_scalar("SELECT state FROM idempotency_keys WHERE key = 'lost-record'")
+            .fetch_one(&app.ops)
+            .await
+            .expect("state");
+        (state == "accepted").then_some(())
+    })
+    .await;
     // The retry produced the same events again; let them drain, then count.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(app.sink_deliveries(&message_id), 1);

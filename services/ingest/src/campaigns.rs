@@ -725,7 +725,7 @@ async fn campaign(state: &AppState, request: Request) -> Result<Response, ApiErr
         "duplicates_ignored": duplicates,
         "batches": batches,
     });
-    submit::mark_accepted(state, &tenant, &key, &response).await?;
+    submit::record_accepted(state, &tenant, &key, response.clone()).await;
     metrics::counter!("ledger_intents_accepted_total", "tenant" => tenant.0.clone(), "kind" => "campaign").increment(1);
     metrics::counter!("ledger_recipients_accepted_total", "tenant" => tenant.0.clone(), "kind" => "campaign")
         .increment(count as u64);

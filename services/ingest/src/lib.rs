@@ -38,6 +38,8 @@ use rdkafka::producer::FutureProducer;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 
 use crate::request::HEADER_CORRELATION_ID;
 use crate::tenants::Authenticator;
@@ -47,8 +49,14 @@ pub struct AppState {
     pub producer: FutureProducer,
     pub ops: PgPool,
     /// The operational store without waiting for commits to reach the disk:
-    /// for `submit::mark_accepted` only.
+    /// for `submit::record_accepted` only.
     pub ops_relaxed: PgPool,
+    /// The responses being recorded after they were sent
+    /// (`submit::record_accepted`); the server waits for them on shutdown.
+    pub records: TaskTracker,
+    /// Bounds `records`: a request whose response cannot be recorded yet
+    /// waits for a slot before it is answered.
+    pub record_slots: Arc<Semaphore>,
     /// The read model, for status requests only.
     pub reporting: PgPool,
     pub auth: Authenticator,
@@ -79,6 +87,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub struct Ingest {
     listener: TcpListener,
     router: Router,
+    records: TaskTracker,
 }
 
 /// Connects to the broker and the databases and binds the listener. Nothing
@@ -91,6 +100,7 @@ pub async fn build(config: &Config) -> Result<Ingest, RuntimeError> {
     let listener = TcpListener::bind(config.http.listen)
         .await
         .map_err(|e| RuntimeError::Config(format!("cannot listen on {}: {e}", config.http.listen)))?;
+    let records = TaskTracker::new();
     let state = Arc::new(AppState {
         config: config.clone(),
         producer,
@@ -98,6 +108,8 @@ pub async fn build(config: &Config) -> Result<Ingest, RuntimeError> {
         ops_relaxed,
         reporting,
         auth: Authenticator::default(),
+        records: records.clone(),
+        record_slots: Arc::new(Semaphore::new(submit::RECORDS_IN_FLIGHT)),
     });
     let router = Router::new()
         .route(ROUTES[0].1, post(messages::send_message))
@@ -118,7 +130,7 @@ pub async fn build(config: &Config) -> Result<Ingest, RuntimeError> {
         .fallback(|| async { problem::ApiError::NotFound })
         .layer(middleware::from_fn(observe))
         .with_state(state);
-    Ok(Ingest { listener, router })
+    Ok(Ingest { listener, router, records })
 }
 
 impl Ingest {
@@ -126,12 +138,16 @@ impl Ingest {
         self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
-    /// Serves until `shutdown`; in-flight requests finish first.
+    /// Serves until `shutdown`; in-flight requests finish first, then the
+    /// recording of the responses already sent.
     pub async fn run(self, shutdown: Shutdown) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "ingest listening");
-        axum::serve(linger::LingeringListener(self.listener), self.router)
+        let served = axum::serve(linger::LingeringListener(self.listener), self.router)
             .with_graceful_shutdown(async move { shutdown.wait().await })
-            .await
+            .await;
+        self.records.close();
+        self.records.wait().await;
+        served
     }
 }
 

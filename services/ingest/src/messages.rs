@@ -81,7 +81,7 @@ async fn single(state: &AppState, request: Request) -> Result<Response, ApiError
         "message_id": MessageId::derive(intent, &message.to),
         "status": "accepted",
     });
-    submit::mark_accepted(state, &tenant, &key, &response).await?;
+    submit::record_accepted(state, &tenant, &key, response.clone()).await;
     metrics::counter!("ledger_intents_accepted_total", "tenant" => tenant.0.clone(), "kind" => "single").increment(1);
     metrics::counter!("ledger_recipients_accepted_total", "tenant" => tenant.0.clone(), "kind" => "single")
         .increment(1);
@@ -160,7 +160,7 @@ async fn batch(state: &AppState, request: Request) -> Result<Response, ApiError>
         "rejected": request.messages.len() - valid.len(),
         KEPT_REJECTED: rejected,
     });
-    submit::mark_accepted(state, &tenant, &key, &kept).await?;
+    submit::record_accepted(state, &tenant, &key, kept.clone()).await;
     let response = replayed(kept, &request.messages);
     metrics::counter!("ledger_intents_accepted_total", "tenant" => tenant.0.clone(), "kind" => "batch")
         .increment(valid.len() as u64);

@@ -133,29 +133,49 @@ async fn claim_or_find(
     }
 }
 
-/// Remembers the answer, so a replay gets exactly the same one.
+/// Responses being recorded at once, after they were sent: more requests
+/// wait for a slot before they are answered.
+pub const RECORDS_IN_FLIGHT: usize = 1024;
+
+/// Remembers the answer, so a replay gets exactly the same one: after the
+/// answer is sent, not before.
 ///
-/// Its commit does not wait for the disk (the two commits were about half
-/// of a single message's time in ingest at the maximum rate). Losing it in a crash of
-/// PostgreSQL loses nothing accepted: the events are on the log already,
-/// the key stays *pending* with the same request hash and intent, and a
-/// retry with the same key produces the same derived events again (which
-/// consumers drop) and gets the same response, since every id in it is
-/// derived from the key. The claim before producing (`claim_key`) keeps
-/// waiting: it holds the request hash and the tenant's ownership.
-pub async fn mark_accepted(state: &AppState, tenant: &TenantId, key: &str, response: &Value) -> Result<(), ApiError> {
-    let started = std::time::Instant::now();
-    sqlx::query(
-        "-- ingest::submit::mark_accepted
-         UPDATE idempotency_keys SET state = 'accepted', response = $3 WHERE tenant_id = $1 AND key = $2",
-    )
-    .bind(tenant.as_str())
-    .bind(key)
-    .bind(response)
-    .execute(&state.ops_relaxed)
-    .await?;
-    stage("record", started);
-    Ok(())
+/// Neither the recording nor its commit is waited for (the response record
+/// was a sixth of a single message's time in ingest at 70 % of the maximum
+/// rate, one of its two round trips to PostgreSQL). Losing the record, to a
+/// crash of ingest or of PostgreSQL, loses nothing accepted: the events are
+/// on the log already, the key stays *pending* with the same request hash
+/// and intent, and a retry with the same key produces the same derived
+/// events again (which consumers drop) and gets the same response, since
+/// every id in it is derived from the key. A retry that comes before the
+/// record does the same. The claim before producing (`claim_key`) keeps
+/// waiting: it holds the request hash and the tenant's ownership. The
+/// server waits for the records under way before it stops
+/// ([`crate::Ingest::run`]).
+pub async fn record_accepted(state: &AppState, tenant: &TenantId, key: &str, response: Value) {
+    // Never closed: a slot always comes.
+    let Ok(slot) = state.record_slots.clone().acquire_owned().await else { return };
+    let pool = state.ops_relaxed.clone();
+    let (tenant, key) = (tenant.clone(), key.to_owned());
+    state.records.spawn(async move {
+        let started = std::time::Instant::now();
+        let recorded = sqlx::query(
+            "-- ingest::submit::record_accepted
+             UPDATE idempotency_keys SET state = 'accepted', response = $3 WHERE tenant_id = $1 AND key = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(&key)
+        .bind(&response)
+        .execute(&pool)
+        .await;
+        stage("record", started);
+        if let Err(e) = recorded {
+            // The key stays pending: a retry produces again and answers the same.
+            metrics::counter!("ledger_ingest_records_failed_total").increment(1);
+            tracing::warn!(tenant = %tenant, key = %key, error = %e, "response not recorded");
+        }
+        drop(slot);
+    });
 }
 
 /// Where a submission's time goes, per step that waits on something:
