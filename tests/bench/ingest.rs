@@ -219,7 +219,7 @@ async fn main() {
     let mut config = test_config();
     config.telemetry.log_filter = "warn".into();
     if let Ok(linger) = std::env::var("BENCH_LINGER_MS") {
-        config.kafka.linger_ms = linger.parse().expect("BENCH_LINGER_MS");
+        config.kafka.ingest_linger_ms = linger.parse().expect("BENCH_LINGER_MS");
     }
     let app = spawn_roles(config, false).await;
     let producer = kafka::producer(&app.config).expect("producer");

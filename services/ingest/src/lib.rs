@@ -93,7 +93,7 @@ pub struct Ingest {
 /// Connects to the broker and the databases and binds the listener. Nothing
 /// is sent until requests arrive.
 pub async fn build(config: &Config) -> Result<Ingest, RuntimeError> {
-    let producer = kafka::producer(config)?;
+    let producer = kafka::producer_lingering(config, config.kafka.ingest_linger_ms)?;
     let ops = ledger_runtime::db::pool(&config.ops_database_url, 16).await?;
     let ops_relaxed = ledger_runtime::db::pool_without_commit_wait(&config.ops_database_url, 8).await?;
     let reporting = ledger_runtime::db::pool(&config.reporting_database_url, 4).await?;

@@ -247,6 +247,11 @@ pub struct KafkaConfig {
     /// How long the producer waits to fill a batch: latency against
     /// requests per second at the broker.
     pub linger_ms: u32,
+    /// The same for ingest's producer, in milliseconds (fractions allowed).
+    /// Every submission waits for its events' acknowledgement before it is
+    /// answered, so this wait is part of every single message's latency;
+    /// the other roles, which nobody waits on, use `linger_ms`.
+    pub ingest_linger_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -376,6 +381,7 @@ impl Default for KafkaConfig {
             produce_timeout_ms: 10_000,
             compression: "none".into(),
             linger_ms: 2,
+            ingest_linger_ms: 0.5,
         }
     }
 }
@@ -481,6 +487,9 @@ impl Config {
                 "kafka.compression {:?} is not one of none, lz4, zstd, snappy, gzip",
                 self.kafka.compression
             ));
+        }
+        if !(0.0..=900_000.0).contains(&self.kafka.ingest_linger_ms) {
+            return bad(format!("kafka.ingest_linger_ms {} is not between 0 and 900000", self.kafka.ingest_linger_ms));
         }
         if self.ops_database_url == self.reporting_database_url {
             return bad("ops_database_url and reporting_database_url must name different databases".into());
@@ -605,5 +614,24 @@ mod tests {
             c.projector.writers = writers;
             assert_eq!(c.validate().is_ok(), valid, "{writers} writers");
         }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's signature, not ours
+    fn ingest_linger_takes_fractions_of_a_millisecond_within_librdkafka_bounds() {
+        for (linger, valid) in
+            [(0.0, true), (0.5, true), (900_000.0, true), (-0.1, false), (900_001.0, false), (f64::NAN, false)]
+        {
+            let mut c = Config::default();
+            c.kafka.ingest_linger_ms = linger;
+            assert_eq!(c.validate().is_ok(), valid, "{linger} ms");
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LEDGER_KAFKA__INGEST_LINGER_MS", "0.5");
+            assert_eq!(Config::load().expect("config").kafka.ingest_linger_ms, 0.5);
+            jail.set_env("LEDGER_KAFKA__INGEST_LINGER_MS", "3");
+            assert_eq!(Config::load().expect("config").kafka.ingest_linger_ms, 3.0, "a whole number is a number of ms");
+            Ok(())
+        });
     }
 }

@@ -34,10 +34,16 @@ fn base(config: &Config) -> ClientConfig {
 /// An idempotent producer with `acks=all`: a send completes only when every
 /// in-sync replica has the record, and retries never duplicate or reorder.
 pub fn producer(config: &Config) -> Result<FutureProducer, RuntimeError> {
+    producer_lingering(config, f64::from(config.kafka.linger_ms))
+}
+
+/// As [`producer`], waiting `linger_ms` (librdkafka takes fractions) to
+/// fill a batch.
+pub fn producer_lingering(config: &Config, linger_ms: f64) -> Result<FutureProducer, RuntimeError> {
     Ok(base(config)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", config.kafka.linger_ms.to_string())
+        .set("linger.ms", linger_ms.to_string())
         .set("compression.type", &config.kafka.compression)
         .set("message.timeout.ms", config.kafka.produce_timeout_ms.to_string())
         .set("queue.buffering.max.messages", "500000")
