@@ -35,7 +35,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ledger_runtime::{kafka, Config, RuntimeError, Shutdown};
 use rdkafka::producer::FutureProducer;
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -182,7 +182,12 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// A 202 with the intent's location and the correlation id.
-pub fn accepted(response: Value, location: Option<&str>, replayed: bool, correlation: &str) -> Response {
+pub fn accepted(
+    response: impl serde::Serialize,
+    location: Option<&str>,
+    replayed: bool,
+    correlation: &str,
+) -> Response {
     let mut r = (StatusCode::ACCEPTED, Json(response)).into_response();
     let h = r.headers_mut();
     if let Some(loc) = location.and_then(|l| HeaderValue::from_str(l).ok()) {
