@@ -414,7 +414,7 @@ async fn main() {
             f(&r["p99_ms"], 2)
         ));
     }
-    md.push_str("\nWhere a submission's time goes inside ingest (mean ms per request, `ledger_ingest_stage_seconds`; in brackets the share of requests whose step alone took over 10 ms):\n\n| form | receive and check the body | claim the key | produce (acks) | record the response (after answering) |\n|---|---:|---:|---:|---:|\n");
+    md.push_str("\nWhere a submission's time goes inside ingest (mean ms per request, `ledger_ingest_stage_seconds`; in brackets the share of requests whose step alone took over 10 ms):\n\n| form | receive and check the body | claim the key | produce (acks) | record the response (not waited for) |\n|---|---:|---:|---:|---:|\n");
     let step = |s: &Value, name: &str| match (s[format!("{name}_ms")].as_f64(), s[format!("{name}_over_10ms")].as_f64())
     {
         (Some(ms), Some(over)) => format!("{ms:.2} ({over:.1} %)"),

@@ -317,7 +317,7 @@ async fn run() {
     let mut md = format!(
         "| end to end: {recipients}-recipient campaign (NDJSON, per-recipient variables) | value |\n|---|---:|\n\
          | accepted (202) after | {accepted_secs:.2} s |\n\
-         | of which, inside ingest: receive and check the body / claim the key / produce (acks) / record the response (after answering) | {} ms |\n\
+         | of which, inside ingest: receive and check the body / claim the key / produce (acks) / record the response (not waited for) | {} ms |\n\
          | every message decided by the dispatcher (claims) after | {} s |\n\
          | every row terminal in the read model after | {total_secs:.2} s |\n\
          | the projector at the end of the log (every row with every stage) after | {complete_secs:.2} s |\n\

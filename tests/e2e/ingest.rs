@@ -284,8 +284,8 @@ async fn concurrent_duplicates_get_one_intent_and_one_delivery() {
     app.stop().await;
 }
 
-/// Ingest records the response it gave after giving it, without waiting
-/// for that commit to reach the disk (`submit::record_accepted`). If ingest
+/// Ingest records the response it gave without the answer waiting for it,
+/// nor for its commit to reach the disk (`submit::record_accepted`). If ingest
 /// or PostgreSQL crashes and the record is lost, the key is *pending* again:
 /// a retry must get the same answer and cause no second delivery. Here the
 /// record is taken away by hand, as such a crash would.

@@ -51,7 +51,7 @@ pub struct AppState {
     /// The operational store without waiting for commits to reach the disk:
     /// for `submit::record_accepted` only.
     pub ops_relaxed: PgPool,
-    /// The responses being recorded after they were sent
+    /// The responses being recorded, which their answers do not wait for
     /// (`submit::record_accepted`); the server waits for them on shutdown.
     pub records: TaskTracker,
     /// Bounds `records`: a request whose response cannot be recorded yet

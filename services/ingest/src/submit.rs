@@ -133,12 +133,12 @@ async fn claim_or_find(
     }
 }
 
-/// Responses being recorded at once, after they were sent: more requests
-/// wait for a slot before they are answered.
+/// Responses being recorded at once (`record_accepted`): more requests wait
+/// for a slot before they are answered.
 pub const RECORDS_IN_FLIGHT: usize = 1024;
 
-/// Remembers the answer, so a replay gets exactly the same one: after the
-/// answer is sent, not before.
+/// Remembers the answer, so a replay gets exactly the same one: in a task
+/// of its own, which the answer does not wait for.
 ///
 /// Neither the recording nor its commit is waited for (the response record
 /// was a sixth of a single message's time in ingest at 70 % of the maximum
